@@ -1,0 +1,424 @@
+"""The Z-Image DiT in both of its forms: the latent source model and the L2P pixel model.
+
+One set of blocks serves both. The latent form embeds 2×2×16 VAE-latent patches and ends in a final
+layer; the pixel form embeds 16×16×3 RGB patches (the same token grid: stride 8 × patch 2 = 16) and
+ends in the Detailer Head, a small U-Net over the whole noisy image that receives the DiT's last-layer
+image tokens at its H/16 bottleneck. State-dict keys are exactly those of the released files.
+
+Conventions (see shared/reference/z_image_facts.md): the DiT is fed t = 1 − σ and its raw output is
+≈ x0 − ε, so the velocity is −output. Sequence per item: [image tokens ; caption tokens], each padded to
+a multiple of 32 with learned pad tokens that are attended to; only padding *between batch items* is
+masked (the release forgets to; see tests/test_model.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+
+from .config import SEQ_MULTI_OF, DetailerConfig, DiTConfig, get_config
+
+
+# ----------------------------------------------------------------------------------------------
+#                                Embedding layers for time and text
+# ----------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal [cos | sin] features of t·t_scale, then an MLP (256 → 1024 → min(dim, 256))."""
+
+    def __init__(self, out_size: int, mid_size: int = 1024, freq_size: int = 256):
+        super().__init__()
+        self.freq_size = freq_size
+        self.mlp = nn.Sequential(nn.Linear(freq_size, mid_size), nn.SiLU(), nn.Linear(mid_size, out_size))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """[cos | sin] embedding in float32, cos first as in every Z-Image implementation."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # Cast to the weights' dtype (the release hard-codes bf16, which breaks fp32 runs).
+        return self.mlp(self.sinusoid(t, self.freq_size).to(self.mlp[0].weight.dtype))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the statistics in float32 (matches diffusers' RMSNorm bit for bit in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        y = x * torch.rsqrt(var + self.eps)
+        return y.to(self.weight.dtype) * self.weight
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          RoPE
+# ----------------------------------------------------------------------------------------------
+
+def rope_freqs(pos: torch.Tensor, axes_dims: Sequence[int], theta: float) -> torch.Tensor:
+    """Complex rotations for integer positions (N, 3): per axis polar(1, pos·θ^(−2i/d)), axes concatenated."""
+    out = []
+    for axis, d in enumerate(axes_dims):
+        inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
+        ang = (pos[:, axis].to(torch.float64)[:, None] * inv[None]).float()
+        out.append(torch.polar(torch.ones_like(ang), ang))
+    return torch.cat(out, dim=-1)  # (N, head_dim / 2), complex64
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, D) by (B, S, D/2) complex freqs; pairs are adjacent (2i, 2i+1), not halves."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Transformer blocks
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Bias-free multi-head self-attention with per-head RMS q/k norm and 3-axis RoPE."""
+
+    def __init__(self, dim: int, n_heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.n_heads = n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # key `to_out.0`, as released
+        self.norm_q = RMSNorm(dim // n_heads, 1e-5) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim // n_heads, 1e-5) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        q, k, v = (f(x).unflatten(-1, (self.n_heads, -1)) for f in (self.to_q, self.to_k, self.to_v))
+        q, k = apply_rope(self.norm_q(q), freqs), apply_rope(self.norm_k(k), freqs)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # key mask: True = attend
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+        return self.to_out[0](o.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block; with modulation, adaLN gives (scale_msa, gate_msa, scale_mlp, gate_mlp)."""
+
+    def __init__(self, cfg: DiTConfig, modulation: bool = True):
+        super().__init__()
+        dim = cfg.dim
+        self.attention = Attention(dim, cfg.n_heads, cfg.qk_norm)
+        self.feed_forward = FeedForward(dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * dim))
+
+    def forward(self, x, freqs, mask, temb=None):
+        if not self.modulation:  # the context refiner: plain residuals
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(temb).unsqueeze(1).chunk(4, dim=2)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), freqs, mask)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+
+
+class FinalLayer(nn.Module):
+    """Latent output head: LayerNorm (no affine) scaled by 1 + adaLN(t), then Linear to patch values."""
+
+    def __init__(self, dim: int, adaln_dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(temb).unsqueeze(1)))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Detailer Head (local_decoder)
+# ----------------------------------------------------------------------------------------------
+
+class DetailerHead(nn.Module):
+    """U-Net over the full-resolution noisy image; DiT tokens join at the bottleneck (H / 2^depth).
+
+    Keys follow the release's `MicroDiffusionModel`: enc{k}.0, bottleneck.0, up{k}.1, dec{k}.0, out_conv.
+    Time reaches the head only through the DiT features. A feature map of another size (e.g. from a
+    64-1 embedder for 4K) is resized to the bottleneck grid with nearest interpolation.
+    """
+
+    def __init__(self, cfg: DetailerConfig, dim: int, in_channels: int = 3):
+        super().__init__()
+        ch, d = cfg.channels, cfg.depth
+        self.depth = d
+        for k in range(1, d + 1):
+            c_in = in_channels if k == 1 else ch[k - 2]
+            setattr(self, f"enc{k}", nn.Sequential(nn.Conv2d(c_in, ch[k - 1], 3, padding=1), nn.SiLU()))
+        self.pool = nn.MaxPool2d(2, stride=2)
+        self.bottleneck = nn.Sequential(nn.Conv2d(ch[-1] + dim, ch[-1], 1), nn.SiLU())
+        c_up = ch[-1]
+        for k in range(d, 0, -1):
+            setattr(self, f"up{k}", nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                                  nn.Conv2d(c_up, c_up, 3, padding=1)))
+            c_out = ch[k - 2] if k >= 2 else ch[0]
+            setattr(self, f"dec{k}", nn.Sequential(nn.Conv2d(c_up + ch[k - 1], c_out, 3, padding=1), nn.SiLU()))
+            c_up = c_out
+        self.out_conv = nn.Conv2d(c_up, cfg.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        skips, h = [], x
+        for k in range(1, self.depth + 1):
+            h = getattr(self, f"enc{k}")(h)
+            skips.append(h)
+            h = self.pool(h)
+        if features.shape[-2:] != h.shape[-2:]:
+            features = F.interpolate(features, size=h.shape[-2:], mode="nearest")
+        h = self.bottleneck(torch.cat([h, features.to(h.dtype)], dim=1))
+        for k in range(self.depth, 0, -1):
+            h = getattr(self, f"dec{k}")(torch.cat([getattr(self, f"up{k}")(h), skips[k - 1]], dim=1))
+        return self.out_conv(h)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Patchify helpers
+# ----------------------------------------------------------------------------------------------
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(C, H, W) → (H/p · W/p, p·p·C) tokens, row-major, each ordered (ph, pw, c) with channel fastest."""
+    c, h, w = x.shape
+    return x.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape((h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Exact inverse of `patchify`."""
+    return tokens.reshape(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w)
+
+
+def _ceil_to(n: int, m: int = SEQ_MULTI_OF) -> int:
+    return -(-n // m) * m
+
+
+def _grid_ids(axis0: int, ht: int, wt: int, device) -> torch.Tensor:
+    """RoPE ids (axis0, h, w) for a ht×wt token grid, row-major."""
+    hh, ww = torch.meshgrid(torch.arange(ht, device=device), torch.arange(wt, device=device), indexing="ij")
+    return torch.stack([torch.full_like(hh, axis0), hh, ww], dim=-1).reshape(-1, 3)
+
+
+def _pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Right-pad per-item sequences into a batch; the key mask is None when no item needed padding."""
+    lens = [s.shape[0] for s in seqs]
+    out = pad_sequence(seqs, batch_first=True)
+    if len(set(lens)) == 1:
+        return out, None
+    mask = torch.arange(out.shape[1], device=out.device)[None] < torch.tensor(lens, device=out.device)[:, None]
+    return out, mask
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       The DiT
+# ----------------------------------------------------------------------------------------------
+
+ImageBatch = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class ZImageDiT(nn.Module):
+    """Z-Image single-stream DiT; latent form with `all_final_layer`, pixel (L2P) form with `local_decoder`."""
+
+    def __init__(self, cfg: Union[DiTConfig, str]):
+        super().__init__()
+        cfg = get_config(cfg)
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.all_x_embedder = nn.ModuleDict({
+            f"{p}-{f}": nn.Linear(f * p * p * cfg.in_channels, cfg.dim)
+            for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)})
+        if not cfg.is_pixel:
+            self.all_final_layer = nn.ModuleDict({
+                f"{p}-{f}": FinalLayer(cfg.dim, cfg.adaln_dim, f * p * p * cfg.in_channels)
+                for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)})
+        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
+        if cfg.is_pixel:
+            self.local_decoder = DetailerHead(cfg.detailer, cfg.dim, cfg.in_channels)
+
+    # -- initialisation ------------------------------------------------------------------------
+
+    def init_for_training_from_scratch(self, generator: Optional[torch.Generator] = None) -> "ZImageDiT":
+        """DiT-style init for models trained from scratch: xavier Linears, zero adaLN and outputs.
+
+        Zeroed adaLN makes every gate tanh(0) = 0, so each block starts as the identity; converted
+        models never call this (their trunk is copied).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for blk in list(self.noise_refiner) + list(self.layers):
+            nn.init.zeros_(blk.adaLN_modulation[0].weight)
+            nn.init.zeros_(blk.adaLN_modulation[0].bias)
+        for fl in getattr(self, "all_final_layer", {}).values():
+            for lin in (fl.linear, fl.adaLN_modulation[1]):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02, generator=generator)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02, generator=generator)
+        if self.cfg.is_pixel:
+            nn.init.zeros_(self.local_decoder.out_conv.weight)
+            nn.init.zeros_(self.local_decoder.out_conv.bias)
+        return self
+
+    # -- sequence construction -----------------------------------------------------------------
+
+    def _caption_list(self, cap_feats, cap_mask) -> list[torch.Tensor]:
+        """Per-item (L_i, D) caption features from a list, or from a padded (B, L, D) tensor + mask."""
+        if isinstance(cap_feats, torch.Tensor):
+            if cap_mask is None:
+                return list(cap_feats)
+            return [f[m.bool()] for f, m in zip(cap_feats, cap_mask)]
+        return list(cap_feats)
+
+    def _embed_image(self, x: torch.Tensor, p: int, cap_len_pad: int):
+        """One image → (tokens padded to 32 with x_pad_token, RoPE ids, real token count, grid)."""
+        c, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"image of size {h}×{w} is not divisible by the patch size {p}")
+        tok = self.all_x_embedder[f"{p}-1"](patchify(x, p))
+        n, n_pad = tok.shape[0], _ceil_to(tok.shape[0])
+        tok = torch.cat([tok, self.x_pad_token.to(tok.dtype).expand(n_pad - n, -1)])
+        ids = torch.cat([_grid_ids(cap_len_pad + 1, h // p, w // p, x.device),
+                         torch.zeros(n_pad - n, 3, dtype=torch.long, device=x.device)])
+        return tok, ids, n, (h // p, w // p)
+
+    def _embed_caption(self, cap: torch.Tensor):
+        """One caption → (tokens padded to 32 with cap_pad_token, RoPE ids (1 + j, 0, 0) incl. pads)."""
+        tok = self.cap_embedder(cap)
+        n_pad = max(_ceil_to(tok.shape[0]), SEQ_MULTI_OF)
+        tok = torch.cat([tok, self.cap_pad_token.to(tok.dtype).expand(n_pad - tok.shape[0], -1)])
+        ids = torch.zeros(n_pad, 3, dtype=torch.long, device=cap.device)
+        ids[:, 0] = torch.arange(1, n_pad + 1, device=cap.device)
+        return tok, ids
+
+    def _run(self, blocks, x, freqs, mask, temb=None):
+        for blk in blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, freqs, mask, temb, use_reentrant=False)
+            else:
+                x = blk(x, freqs, mask, temb)
+        return x
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: ImageBatch, t: torch.Tensor, cap_feats, cap_mask: Optional[torch.Tensor] = None,
+                patch_size: Optional[int] = None, return_features: bool = False):
+        """Raw DiT output (≈ x0 − ε; velocity = −output) for images x at DiT time t = 1 − σ.
+
+        x: (B, C, H, W) or a list of (C, H, W) of any sizes divisible by the patch. t: (B,) or scalar.
+        cap_feats: list of (L_i, D), or (B, L, D) with a boolean cap_mask. Output matches x's form.
+        With return_features, also returns {"features": [(dim, H/p, W/p)], "grids": [(H/p, W/p)]}.
+        """
+        cfg = self.cfg
+        p = patch_size or cfg.default_patch
+        if f"{p}-1" not in self.all_x_embedder:
+            raise KeyError(f"no patch embedder for patch {p}; this model has {list(self.all_x_embedder)}")
+        dtype = self.x_pad_token.dtype
+        stacked = isinstance(x, torch.Tensor)
+        xs = [xi.squeeze(1) if xi.ndim == 4 else xi for xi in x]  # accept (C, 1, H, W) like diffusers
+        caps = [c.to(dtype) for c in self._caption_list(cap_feats, cap_mask)]
+        if len(caps) != len(xs):
+            raise ValueError(f"{len(xs)} images but {len(caps)} captions")
+        t = torch.as_tensor(t, device=xs[0].device, dtype=torch.float32).reshape(-1).expand(len(xs))
+        temb = self.t_embedder(t * cfg.t_scale)
+
+        cap_tok, cap_ids = zip(*(self._embed_caption(c) for c in caps))
+        img = [self._embed_image(xi.to(dtype), p, c.shape[0]) for xi, c in zip(xs, cap_tok)]
+        img_tok, img_ids, n_real, grids = zip(*img)
+
+        # Refiners see one modality each; masks only cover padding between batch items.
+        h, mask = _pad_batch(list(img_tok))
+        freqs, _ = _pad_batch([rope_freqs(i, cfg.axes_dims, cfg.rope_theta) for i in img_ids])
+        h = self._run(self.noise_refiner, h, freqs, mask, temb)
+        img_tok = [h[i, : img_tok[i].shape[0]] for i in range(len(xs))]
+        h, mask = _pad_batch(list(cap_tok))
+        freqs, _ = _pad_batch([rope_freqs(i, cfg.axes_dims, cfg.rope_theta) for i in cap_ids])
+        h = self._run(self.context_refiner, h, freqs, mask)
+        cap_tok = [h[i, : cap_tok[i].shape[0]] for i in range(len(xs))]
+
+        # Unified sequence: image first, then caption.
+        h, mask = _pad_batch([torch.cat([a, b]) for a, b in zip(img_tok, cap_tok)])
+        freqs, _ = _pad_batch([rope_freqs(torch.cat([a, b]), cfg.axes_dims, cfg.rope_theta)
+                               for a, b in zip(img_ids, cap_ids)])
+        h = self._run(self.layers, h, freqs, mask, temb)
+
+        # Only the real image tokens leave the trunk (the release also reshaped the pad tokens).
+        feats = [h[i, : n_real[i]] for i in range(len(xs))]
+        if cfg.is_pixel:
+            maps = [f.T.reshape(cfg.dim, *g) for f, g in zip(feats, grids)]
+            if stacked:
+                out = list(self.local_decoder(torch.stack(xs).to(dtype), torch.stack(maps)))
+            else:
+                out = [self.local_decoder(xi[None].to(dtype), m[None])[0] for xi, m in zip(xs, maps)]
+        else:
+            fl = self.all_final_layer[f"{p}-1"]
+            out = [unpatchify(fl(f[None], temb[i : i + 1])[0], p, cfg.in_channels, *xi.shape[-2:])
+                   for i, (f, xi) in enumerate(zip(feats, xs))]
+        out = torch.stack(out) if stacked else out
+        if return_features:
+            return out, {"features": [f.T.reshape(cfg.dim, *g) for f, g in zip(feats, grids)], "grids": list(grids)}
+        return out
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, config: Union[DiTConfig, str, None] = None, dtype: torch.dtype = torch.float32,
+                        device: Union[str, torch.device] = "cpu", strict: bool = True) -> "ZImageDiT":
+        """Load a checkpoint (one file, shards, an index json or a folder) without a second copy in memory.
+
+        The model is built on the meta device and each tensor is read, cast to `dtype` and assigned
+        one at a time, so peak memory stays near the loaded model's size. The config comes from
+        `config`, a `config.json` beside the files, or the checkpoint's key shapes.
+        """
+        from .checkpoint import CheckpointReader, resolve_checkpoint_files
+        from .loading import config_for_checkpoint, load_into
+
+        files = resolve_checkpoint_files(path)
+        with CheckpointReader(files) as reader:
+            cfg = get_config(config) if config is not None else config_for_checkpoint(files, reader)
+            with torch.device("meta"):
+                model = cls(cfg)
+            load_into(model, reader, dtype=dtype, device=device, strict=strict)
+        return model.eval()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,198 @@
+"""The DiT: exact release layouts, parity with diffusers, and the release's bugs fixed."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2p.config import DetailerConfig, l2p_1k, l2p_4k, tiny_latent, tiny_pixel, z_image_turbo
+from l2p.model import ZImageDiT, patchify, unpatchify
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def read_tsv(name):
+    rows = [line.split("\t") for line in (REF / name).read_text().splitlines()[1:] if line.strip()]
+    return {k: tuple(int(s) for s in shape.split("x")) for k, shape, _ in rows}
+
+
+def meta_shapes(cfg):
+    with torch.device("meta"):
+        m = ZImageDiT(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.skipif(not REF.exists(), reason="shared/reference not present")
+@pytest.mark.parametrize("cfg,tsv,n_params", [(z_image_turbo(), "z_image_turbo_transformer.tsv", 6_154_908_736),
+                                              (l2p_1k(), "l2p_1k_transformer.tsv", 6_166_464_515)])
+def test_real_layouts_match_release(cfg, tsv, n_params):
+    shapes = meta_shapes(cfg)
+    assert shapes == read_tsv(tsv)
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == n_params
+
+
+def test_4k_layout_adds_only_the_large_embedder():
+    a, b = meta_shapes(l2p_1k()), meta_shapes(l2p_4k())
+    assert set(b) - set(a) == {"all_x_embedder.64-1.weight", "all_x_embedder.64-1.bias"}
+    assert b["all_x_embedder.64-1.weight"] == (3840, 64 * 64 * 3)
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.randn(3, 32, 48)
+    tok = patchify(x, 16)
+    assert tok.shape == (6, 768)
+    # flat index (ph*16 + pw)*3 + c within the token of grid cell (1, 2)
+    assert tok[1 * 3 + 2, (5 * 16 + 7) * 3 + 1] == x[1, 16 + 5, 32 + 7]
+    assert torch.equal(unpatchify(tok, 16, 3, 32, 48), x)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Parity with diffusers
+# ----------------------------------------------------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def diffusers_twin(cfg, seed=0):
+    """diffusers' ZImageTransformer2DModel with random non-trivial weights, and our model with the same."""
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(seed)
+    ref = ZImageTransformer2DModel(all_patch_size=cfg.all_patch_size, all_f_patch_size=cfg.all_f_patch_size,
+                                   in_channels=cfg.in_channels, dim=cfg.dim, n_layers=cfg.n_layers,
+                                   n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads,
+                                   n_kv_heads=cfg.n_kv_heads, cap_feat_dim=cfg.cap_feat_dim,
+                                   axes_dims=list(cfg.axes_dims), axes_lens=list(cfg.axes_lens)).eval()
+    with torch.no_grad():  # zeros/ones defaults would hide mistakes in pads, norms and adaLN
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if "norm" in name else 0.0))
+    ours = ZImageDiT(cfg).eval()
+    sd = ref.state_dict()
+    ours_keys = set(ours.state_dict())
+    ours.load_state_dict({k: v for k, v in sd.items() if k in ours_keys}, strict=not cfg.is_pixel)
+    return ref, ours
+
+
+@pytest.mark.parametrize("cap_lens", [[7], [7, 40], [33, 5]])
+def test_latent_parity_with_diffusers(cap_lens):
+    cfg = tiny_latent()
+    ref, ours = diffusers_twin(cfg)
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(len(cap_lens), 16, 8, 12, generator=g)
+    caps = [torch.randn(n, cfg.cap_feat_dim, generator=g) for n in cap_lens]
+    sigma = torch.linspace(0.8, 0.3, len(cap_lens))
+    with torch.no_grad():
+        want = ref(list(lat.unsqueeze(2).unbind(0)), 1 - sigma, caps, patch_size=2, f_patch_size=1,
+                   return_dict=False)[0]
+        got = ours(lat, 1 - sigma, caps)
+    for w, o in zip(want, got):
+        assert (w.squeeze(1) - o).abs().max() <= 1e-5
+
+
+def test_pixel_trunk_parity_with_diffusers():
+    """Up to the last main layer, the L2P pixel trunk equals diffusers built with patch 16 and RGB input."""
+    cfg = tiny_pixel()
+    ref, ours = diffusers_twin(cfg)
+    seen = {}
+    ref.layers[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("u", o))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    caps = [torch.randn(9, cfg.cap_feat_dim, generator=g), torch.randn(45, cfg.cap_feat_dim, generator=g)]
+    t = torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        ref(list(x.unsqueeze(2).unbind(0)), t, caps, patch_size=16, f_patch_size=1)
+        _, extra = ours(x, t, caps, return_features=True)
+    for i in range(2):
+        want = seen["u"][i, :24].T.reshape(cfg.dim, 4, 6)
+        assert (extra["features"][i] - want).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+#                           Where the public code is wrong, we are right
+# ----------------------------------------------------------------------------------------------
+
+def random_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = ZImageDiT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_batch_padding_is_masked():
+    """A batch with unequal captions equals running each item alone (the release ignores the mask)."""
+    cfg = tiny_pixel()
+    m = random_model(cfg)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    caps = [torch.randn(3, cfg.cap_feat_dim, generator=g), torch.randn(70, cfg.cap_feat_dim, generator=g)]
+    t = torch.tensor([0.4, 0.9])
+    with torch.no_grad():
+        both = m(x, t, caps)
+        alone = [m(x[i : i + 1], t[i : i + 1], caps[i : i + 1])[0] for i in range(2)]
+        # the same captions as a padded tensor + mask
+        feats = torch.zeros(2, 70, cfg.cap_feat_dim)
+        mask = torch.zeros(2, 70, dtype=torch.bool)
+        for i, c in enumerate(caps):
+            feats[i, : len(c)], mask[i, : len(c)] = c, True
+        padded = m(x, t, feats, mask)
+    for i in range(2):
+        assert (both[i] - alone[i]).abs().max() <= 1e-5
+        assert (padded[i] - alone[i]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("hw", [(48, 48), (16, 16), (80, 48), (208, 16)])
+def test_any_multiple_of_16_works(hw):
+    """Token counts that are not multiples of 32 (48² → 9 tokens) crash the release; not here."""
+    cfg = tiny_pixel()
+    m = random_model(cfg)
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        out = m(x, torch.tensor([0.5]), [torch.randn(4, cfg.cap_feat_dim)])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_mixed_sizes_in_one_batch_equal_items_alone():
+    cfg = tiny_pixel()
+    m = random_model(cfg)
+    xs = [torch.randn(3, 48, 48), torch.randn(3, 32, 64)]
+    caps = [torch.randn(5, cfg.cap_feat_dim), torch.randn(12, cfg.cap_feat_dim)]
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        out = m(xs, t, caps)
+        for i in range(2):
+            alone = m(xs[i][None], t[i : i + 1], caps[i : i + 1])[0]
+            assert out[i].shape == xs[i].shape
+            assert (out[i] - alone).abs().max() <= 1e-5
+
+
+def test_rejects_sizes_not_divisible_by_patch():
+    m = ZImageDiT(tiny_pixel())
+    with pytest.raises(ValueError, match="not divisible"):
+        m(torch.randn(1, 3, 40, 32), torch.tensor([0.5]), [torch.randn(2, 32)])
+
+
+def test_fp32_and_bf16_both_run():
+    """The release hard-codes bf16 in the time embedder, so fp32 crashes there; both work here."""
+    cfg = tiny_pixel()
+    for dtype in (torch.float32, torch.bfloat16):
+        m = random_model(cfg).to(dtype)
+        out = m(torch.randn(1, 3, 32, 32), torch.tensor([0.5]), [torch.randn(3, cfg.cap_feat_dim)])
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+def test_large_patch_shares_detailer_head():
+    """4K path: a 64-1 embedder's coarse token grid is resized into the same H/16 bottleneck."""
+    cfg = tiny_pixel().replace(all_patch_size=(16, 64), all_f_patch_size=(1, 1))
+    m = random_model(cfg)
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        out, extra = m(x, torch.tensor([0.5]), [torch.randn(3, 32)], patch_size=64, return_features=True)
+    assert out.shape == x.shape and extra["grids"] == [(2, 3)]
+
+
+def test_detailer_depth_follows_config():
+    cfg = tiny_latent().to_pixel((8,), DetailerConfig(channels=(8, 16, 16)))
+    m = random_model(cfg)
+    assert not hasattr(m.local_decoder, "enc4")
+    out = m(torch.randn(1, 3, 32, 40), torch.tensor([0.5]), [torch.randn(3, 32)])
+    assert out.shape == (1, 3, 32, 40)
