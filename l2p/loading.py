@@ -19,9 +19,12 @@ class LoadError(KeyError):
 
 
 def config_for_checkpoint(files: list[Path], reader) -> DiTConfig:
-    """The DiTConfig of a checkpoint: a diffusers-style config.json beside it, else inferred from shapes."""
+    """The DiTConfig of a checkpoint: l2p metadata, a diffusers-style config.json beside it, else its shapes."""
     from .checkpoint import infer_config
 
+    meta = reader.metadata or {}
+    if "l2p_config" in meta:  # files written by l2p carry their exact config
+        return DiTConfig.from_dict(json.loads(meta["l2p_config"]))
     cfg_json = Path(files[0]).parent / "config.json"
     inferred = infer_config({k: tuple(reader.shape(k)) for k in reader.keys()})
     if cfg_json.exists():

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make reports` (the main job) and `make test`.
+PY ?= .venv/bin/python
+MODE ?= full
+
+.PHONY: install test test-all reports reports-smoke bench clean-cache
+
+$(PY):
+	bash .ci/install.sh
+
+install: $(PY)
+
+test: $(PY)
+	$(PY) -m pytest -q
+
+# the end-to-end JupyterLab test in headless Chromium (installs Chromium via apt)
+test-browser: $(PY)
+	bash .ci/install.sh --browser
+	$(PY) -m pytest -q -m browser
+
+reports: $(PY)
+	$(PY) -m l2p.reports --mode $(MODE)
+
+reports-smoke: $(PY)
+	$(PY) -m l2p.reports --mode smoke --out reports-smoke
+
+bench: $(PY)
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_convert.py
+
+clean-cache:
+	rm -rf .cache/l2p

@@ -1,0 +1,113 @@
+"""`l2p` command line: generate, convert, merge, synth, train, reports."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text → image with an L2P checkpoint (or a latent one with --vae)")
+    p.add_argument("--model", nargs="+", help="DiT checkpoint: file(s), index json or folder")
+    p.add_argument("--text-encoder", nargs="+", help="text encoder folder or shard files")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the text encoder folder)")
+    p.add_argument("--vae", help="diffusers AutoencoderKL folder: sample with the latent model instead")
+    p.add_argument("--random-init", metavar="PRESET",
+                   help="no checkpoint: a randomly initialised model of this preset (e.g. tiny_pixel), "
+                        "with the toy text encoder — a smoke test of the whole path")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=2.0, help="L2P cfg_scale (diffusers guidance_scale = cfg − 1)")
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--patch-size", type=int, default=None, help="pixel patch (e.g. 64 for the 4K embedder)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="bf16" if _cuda() else "fp32")
+    p.add_argument("--rand-device", default="cpu")
+    p.add_argument("--output", "-o", default="l2p.png")
+    p.set_defaults(func=run_generate)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def run_generate(a) -> int:
+    import torch
+    from .pipeline import L2PPipeline, LatentPipeline, ModelConfig
+
+    dtype = _dtype(a.dtype)
+    if a.random_init:
+        from .config import get_config
+        from .model import ZImageDiT
+        from .text import TextEncoder
+        te = TextEncoder.toy()
+        torch.manual_seed(a.seed)
+        dit = ZImageDiT(get_config(a.random_init).replace(cap_feat_dim=te.dim)).to(dtype)
+        if not dit.cfg.is_pixel:
+            raise SystemExit("--random-init needs a pixel preset (e.g. tiny_pixel, toy_pixel)")
+        pipe = L2PPipeline(dit, te, device=a.device, dtype=dtype)
+    elif a.vae:
+        from diffusers import AutoencoderKL
+        from .model import ZImageDiT
+        from .text import TextEncoder
+        te = TextEncoder.from_pretrained(a.text_encoder if len(a.text_encoder) > 1 else a.text_encoder[0],
+                                         a.tokenizer, dtype=dtype, device=a.device)
+        dit = ZImageDiT.from_pretrained(a.model, dtype=dtype, device=a.device)
+        pipe = LatentPipeline(dit, te, AutoencoderKL.from_pretrained(a.vae, local_files_only=True),
+                              device=a.device, dtype=dtype)
+    else:
+        if not a.model or not a.text_encoder:
+            raise SystemExit("give --model and --text-encoder (or --random-init PRESET for a smoke test)")
+        pipe = L2PPipeline.from_pretrained(
+            torch_dtype=dtype, device=a.device,
+            model_configs=[ModelConfig(path=a.model), ModelConfig(path=a.text_encoder)],
+            tokenizer_config=ModelConfig(path=a.tokenizer or a.text_encoder[0]))
+    extra = {"patch_size": a.patch_size} if a.patch_size else {}
+    img = pipe(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, rand_device=a.rand_device,
+               num_inference_steps=a.steps, cfg_scale=a.cfg, height=a.height, width=a.width, shift=a.shift,
+               progress=True, **extra)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    img.save(tmp, format=out.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    tmp.replace(out)
+    print(f"saved {out} ({img.width}×{img.height})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l2p", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    # Each module registers its own subcommand; a missing optional piece should not break the rest.
+    for mod, fn in [("convert", "add_convert_parser"), ("merge", "add_merge_parser"),
+                    ("toyworld.corpus", "add_synth_parser"), ("train", "add_train_parser"),
+                    ("reports", "add_reports_parser")]:
+        try:
+            module = __import__(f"l2p.{mod}", fromlist=[fn])
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("l2p"):
+                raise
+            continue
+        getattr(module, fn)(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
