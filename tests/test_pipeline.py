@@ -1,0 +1,92 @@
+"""Pipelines: call shape, sizes, seeds, guidance passes, callbacks, latent side with a VAE."""
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from l2p.config import tiny_latent, tiny_pixel
+from l2p.model import ZImageDiT
+from l2p.pipeline import L2PPipeline, LatentPipeline
+
+
+class HashText:
+    """A deterministic stand-in text encoder: a few tokens per prompt, derived from its characters."""
+
+    dim = 32
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_list(self, prompts):
+        self.calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(sum(map(ord, p)) + len(p))
+            out.append(torch.randn(max(1, len(p.split())), self.dim, generator=g))
+        return out
+
+
+def pixel_pipe():
+    torch.manual_seed(0)
+    m = ZImageDiT(tiny_pixel())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return L2PPipeline(m, HashText())
+
+
+def test_returns_pil_with_rounded_size_and_warns():
+    pipe = pixel_pipe()
+    with pytest.warns(UserWarning, match="rounded up to 48×64"):
+        img = pipe(prompt="a red circle", seed=1, num_inference_steps=2, cfg_scale=2.0, height=40, width=50)
+    assert isinstance(img, Image.Image) and img.size == (64, 48)
+
+
+def test_seed_determinism_and_batch_items_equal_single_calls():
+    pipe = pixel_pipe()
+    kw = dict(num_inference_steps=3, cfg_scale=2.0, height=32, width=32, output_type="pt")
+    a = pipe("a blue square", seed=7, **kw)
+    b = pipe("a blue square", seed=7, **kw)
+    assert torch.equal(a, b)
+    batch = pipe(["a blue square", "two green stars on stripes"], seed=7, **kw)
+    single2 = pipe("two green stars on stripes", seed=8, **kw)
+    assert torch.allclose(batch[0], a[0], atol=1e-5) and torch.allclose(batch[1], single2[0], atol=1e-5)
+    imgs = pipe(["x", "y"], seed=0, num_inference_steps=1, height=16, width=16)
+    assert isinstance(imgs, list) and len(imgs) == 2
+
+
+def test_guidance_encodes_negative_prompt_only_when_needed():
+    pipe = pixel_pipe()
+    pipe("a cat", seed=0, num_inference_steps=1, cfg_scale=1.0, height=16, width=16)
+    assert pipe.text_encoder.calls == [["a cat"]]
+    pipe.text_encoder.calls.clear()
+    pipe("a cat", seed=0, num_inference_steps=1, cfg_scale=2.0, height=16, width=16, negative_prompt="blurry")
+    assert pipe.text_encoder.calls == [["a cat"], ["blurry"]]
+
+
+def test_empty_prompt_and_callback_sees_every_step():
+    pipe = pixel_pipe()
+    seen = []
+    pipe("", seed=0, num_inference_steps=4, cfg_scale=2.0, height=32, width=48, callback=seen.append)
+    assert [s.step for s in seen] == [0, 1, 2, 3]
+    assert all(s.x_t.shape == s.x0.shape == s.velocity.shape == (1, 3, 32, 48) for s in seen)
+    assert seen[0].sigma == 1.0 and seen[-1].sigma_next == 0.0
+    # x0 is exactly x_t − σ·v
+    s = seen[1]
+    assert torch.allclose(s.x0, s.x_t - s.sigma * s.velocity)
+
+
+def test_latent_pipeline_with_vae():
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)
+    torch.manual_seed(0)
+    pipe = LatentPipeline(ZImageDiT(tiny_latent()), HashText(), vae)
+    assert pipe.noise_shape(64, 32) == (16, 8, 4)
+    img = pipe("a circle", seed=0, num_inference_steps=2, cfg_scale=2.0, height=64, width=32)
+    assert img.size == (32, 64)
+    x = torch.rand(1, 3, 64, 32) * 2 - 1
+    z = pipe.encode_pixels(x)
+    assert z.shape == (1, 16, 8, 4) and pipe.to_pixels(z).shape == x.shape
