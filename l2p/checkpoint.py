@@ -291,12 +291,12 @@ class CheckpointReader:
         for key in sorted(self._infos, key=lambda k: (self.files.index(self._infos[k].file), self._infos[k].start)):
             yield key, self.get(key, dtype)
 
-    def iter_chunks(self, key: str, chunk_bytes: int = COPY_CHUNK_BYTES) -> Iterator[torch.Tensor]:
-        """The tensor's raw bytes as uint8 chunks; each chunk is overwritten by the next."""
+    def iter_chunks(self, key: str, chunk_bytes: int = COPY_CHUNK_BYTES, skip: int = 0) -> Iterator[torch.Tensor]:
+        """The tensor's raw bytes (after the first `skip`) as uint8 chunks; each chunk is overwritten by the next."""
         info = self.info(key)
-        buf = torch.empty(min(chunk_bytes, info.nbytes), dtype=torch.uint8)
+        buf = torch.empty(min(chunk_bytes, info.nbytes - skip), dtype=torch.uint8)
         mv = memoryview(buf.numpy())
-        for pos in range(info.start, info.end, chunk_bytes):
+        for pos in range(info.start + skip, info.end, chunk_bytes):
             n = min(chunk_bytes, info.end - pos)
             _readinto_exact(self._file(info.file), mv[:n], pos, info.file, key)
             yield buf[:n]
@@ -313,7 +313,7 @@ class CheckpointReader:
                     raise CheckpointError(f"{info.file}: tensor {key!r} ends past end of file")
                 pos += n
         except (AttributeError, OSError):  # no copy_file_range here (or across these filesystems)
-            for chunk in _skip_done(self, key, pos - info.start):
+            for chunk in self.iter_chunks(key, skip=pos - info.start):
                 _write_all(out, chunk.numpy())
 
     def close(self) -> None:
@@ -326,15 +326,6 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _skip_done(reader: CheckpointReader, key: str, done: int) -> Iterator[torch.Tensor]:
-    """Chunks of `key` after its first `done` bytes (to finish a copy the kernel path began)."""
-    seen = 0
-    for chunk in reader.iter_chunks(key):
-        if seen + len(chunk) > done:
-            yield chunk[max(0, done - seen):]
-        seen += len(chunk)
 
 
 def read_state_dict(paths, dtype: Optional[torch.dtype] = None, keys: Optional[Iterable[str]] = None
@@ -505,7 +496,8 @@ class StreamingWriter:
         if dtype == src_dtype:
             reader.copy_bytes(src_key, self._f)
         else:
-            for chunk in _cast_chunks(reader, src_key, dtype, COPY_CHUNK_BYTES // max(src_dtype.itemsize, dtype.itemsize)):
+            elems = COPY_CHUNK_BYTES // max(src_dtype.itemsize, dtype.itemsize)
+            for chunk in _cast_chunks(reader, src_key, dtype, elems):
                 _write_all(self._f, chunk.numpy())
 
     # -- finishing --

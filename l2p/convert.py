@@ -184,42 +184,49 @@ def _as_image_batches(images) -> Iterable[torch.Tensor]:
         if isinstance(item, (str, Path)):
             item = Image.open(item)
         if isinstance(item, Image.Image):
-            item = torch.from_numpy(np.asarray(item.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+            item = torch.from_numpy(np.array(item.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
         yield item if item.ndim == 4 else item[None]
 
 
 @torch.no_grad()
-def fit_vae_patch_map(vae, images, pixel_patch: int, latent_patch: int, ridge: float = 1e-6) -> VaeFit:
-    """Fit z_patch ≈ A·x_patch + a0 by ridge least squares over every patch of the sample images.
+def encode_samples(vae, images) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, latent) pairs, the latent normalised as the DiT sees it: (mean − shift_factor) · scaling_factor."""
+    scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
+    shift = getattr(vae.config, "shift_factor", 0.0) or 0.0
+    dtype = next(vae.parameters()).dtype
+    pairs = []
+    for batch in _as_image_batches(images):
+        z = (vae.encode(batch.to(dtype)).latent_dist.mean - shift) * scale
+        pairs += list(zip(batch.double(), z.double()))
+    return pairs
 
-    x_patch: a (pixel_patch² · 3) RGB patch in [-1, 1]; z_patch: the (latent_patch² · C) latent patch the VAE
-    encodes for it, normalised as the DiT sees it: (mean − shift_factor) · scaling_factor. Both flattened
-    (ph, pw, c) with the channel fastest, as `l2p.model.patchify` does. Normal equations accumulate in float64.
+
+def fit_vae_patch_map(pairs: list[tuple[torch.Tensor, torch.Tensor]], pixel_patch: int, latent_patch: int,
+                      ridge: float = 1e-6) -> VaeFit:
+    """Fit z_patch ≈ A·x_patch + a0 by ridge least squares over every patch of the (image, latent) pairs.
+
+    x_patch: a (pixel_patch² · 3) RGB patch in [-1, 1]; z_patch: the (latent_patch² · C) latent patch over the
+    same pixels. Both flattened (ph, pw, c) with the channel fastest, as `l2p.model.patchify` does. The normal
+    equations accumulate in float64, so any number of images fits in constant memory.
     """
     from l2p.model import patchify
 
-    scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
-    shift = getattr(vae.config, "shift_factor", 0.0) or 0.0
-    xtx = xtz = None
-    ztz, zsum, n = 0.0, None, 0
-    for batch in _as_image_batches(images):
-        batch = batch.to(next(vae.parameters()).dtype) if hasattr(vae, "parameters") else batch
-        if batch.shape[-1] % pixel_patch or batch.shape[-2] % pixel_patch:
-            raise ValueError(f"sample image size {tuple(batch.shape[-2:])} is not a multiple of {pixel_patch}")
-        z = (vae.encode(batch).latent_dist.mean - shift) * scale
-        if batch.shape[-1] * latent_patch != z.shape[-1] * pixel_patch:
+    xtx = xtz = zsum = None
+    ztz, n = 0.0, 0
+    for x, z in pairs:
+        if x.shape[-1] % pixel_patch or x.shape[-2] % pixel_patch:
+            raise ValueError(f"sample image size {tuple(x.shape[-2:])} is not a multiple of {pixel_patch}")
+        if x.shape[-1] * latent_patch != z.shape[-1] * pixel_patch:
             raise ValueError(f"the VAE maps a {pixel_patch}² pixel patch to "
-                             f"{pixel_patch * z.shape[-1] // batch.shape[-1]}² latents, not {latent_patch}²")
-        for xi, zi in zip(batch.double(), z.double()):
-            x = torch.cat([patchify(xi, pixel_patch), torch.ones(xi.shape[1] * xi.shape[2] // pixel_patch ** 2, 1,
-                                                                 dtype=torch.float64)], 1)
-            zp = patchify(zi, latent_patch)
-            xtx = x.T @ x if xtx is None else xtx + x.T @ x
-            xtz = x.T @ zp if xtz is None else xtz + x.T @ zp
-            zsum = zp.sum(0) if zsum is None else zsum + zp.sum(0)
-            ztz += (zp * zp).sum().item()
-            n += len(zp)
-    d = xtx.shape[0] - 1 if n else pixel_patch ** 2 * 3
+                             f"{pixel_patch * z.shape[-1] // x.shape[-1]}² latents, not {latent_patch}²")
+        xp, zp = patchify(x, pixel_patch), patchify(z, latent_patch)
+        xp = torch.cat([xp, torch.ones(len(xp), 1, dtype=xp.dtype)], 1)  # intercept column
+        xtx = xp.T @ xp if xtx is None else xtx + xp.T @ xp
+        xtz = xp.T @ zp if xtz is None else xtz + xp.T @ zp
+        zsum = zp.sum(0) if zsum is None else zsum + zp.sum(0)
+        ztz += (zp * zp).sum().item()
+        n += len(zp)
+    d = pixel_patch ** 2 * 3
     if n < 2 * (d + 1):  # fewer patches than ~2× unknowns: the in-sample R² would mean nothing
         raise ValueError(f"vae_fit: {n} sample patches for {d + 1} unknowns per latent channel; "
                          f"give at least {2 * (d + 1)} patches (e.g. 6 images of 256²)")
@@ -244,16 +251,17 @@ def vae_fit_embedder(w_lat: torch.Tensor, b_lat: torch.Tensor, fit: VaeFit) -> d
 
 @dataclass(frozen=True)
 class PlannedTensor:
+    """One output tensor: copied from the source or made new."""
+
     key: str
     status: str  # "copied" | "new"
     shape: tuple[int, ...]
     dtype: torch.dtype  # in the output
-    source_dtype: Optional[torch.dtype] = None
     note: str = ""
 
 
 def plan_conversion(source: dict[str, tuple[torch.dtype, Sequence[int]]], target: dict[str, Sequence[int]],
-                    out_dtype: Optional[torch.dtype]) -> tuple[list[PlannedTensor], list[tuple[str, tuple, torch.dtype]]]:
+                    out_dtype: Optional[torch.dtype]) -> tuple[list[PlannedTensor], list[tuple]]:
     """Target tensors in model order (copied when key and shape match, else new) and the dropped source keys.
 
     out_dtype None keeps each copied tensor's dtype and makes new ones float32 (as the release does).
@@ -262,7 +270,7 @@ def plan_conversion(source: dict[str, tuple[torch.dtype, Sequence[int]]], target
     for key, shape in target.items():
         shape = tuple(shape)
         if key in source and tuple(source[key][1]) == shape:
-            planned.append(PlannedTensor(key, "copied", shape, out_dtype or source[key][0], source[key][0]))
+            planned.append(PlannedTensor(key, "copied", shape, out_dtype or source[key][0]))
         else:
             note = f"source shape {tuple(source[key][1])}" if key in source else ""
             planned.append(PlannedTensor(key, "new", shape, out_dtype or torch.float32, note=note))
@@ -381,16 +389,14 @@ def _vae_fit_modules(src: CheckpointReader, source_cfg: DiTConfig, target_cfg: D
     lp, lf = source_cfg.all_patch_size[0], source_cfg.all_f_patch_size[0]
     w_lat = src.get(f"all_x_embedder.{lp}-{lf}.weight", torch.float64)
     b_lat = src.get(f"all_x_embedder.{lp}-{lf}.bias", torch.float64)
-    images = list(_as_image_batches(images))
+    pairs = encode_samples(vae, images)
+    footprint = pairs[0][0].shape[-1] // pairs[0][1].shape[-1] * lp if pairs else None
     out, fits = {}, {}
     for p, f in zip(target_cfg.all_patch_size, target_cfg.all_f_patch_size):
-        try:
-            fit = fit_vae_patch_map(vae, images, p, lp)
-        except ValueError as e:
-            if "maps a" not in str(e):
-                raise
-            fits[f"{p}-{f}"] = f"release init: {e}"  # e.g. the 64-1 4K embedder has no latent counterpart
+        if p != footprint or f != lf:  # e.g. the 64-1 4K embedder: no latent embedder sees those pixels
+            fits[f"{p}-{f}"] = f"release init (the latent patch covers {footprint}² pixels)"
             continue
+        fit = fit_vae_patch_map(pairs, p, lp)
         out[f"all_x_embedder.{p}-{f}"] = vae_fit_embedder(w_lat, b_lat, fit)
         fits[f"{p}-{f}"] = fit.summary()
     if not out:
@@ -405,20 +411,22 @@ def _vae_fit_modules(src: CheckpointReader, source_cfg: DiTConfig, target_cfg: D
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent_ckpt_files", "--latent-ckpt-files", nargs="+", required=True, dest="latent_ckpt_files",
+                   metavar="PATH",
                    help="Z-Image transformer checkpoint: file(s), index json or folder")
-    p.add_argument("--output_path", "--output-path", required=True, dest="output_path",
+    p.add_argument("--output_path", "--output-path", required=True, dest="output_path", metavar="PATH",
                    help="output .safetensors (sharded as name-0000i-of-0000N when over --max-shard-size)")
     p.add_argument("--init", choices=["release", "vae_fit"], default="release")
     p.add_argument("--dtype", choices=list(OUT_DTYPES), default="source", help="output dtype (default: keep source)")
-    p.add_argument("--patch-sizes", type=int, nargs="+", default=[16], help="RGB patch embedders (e.g. 16 64)")
-    p.add_argument("--detailer-channels", type=int, nargs="+", default=None,
+    p.add_argument("--patch-sizes", type=int, nargs="+", default=[16], metavar="P",
+                   help="RGB patch embedders (e.g. 16 64)")
+    p.add_argument("--detailer-channels", type=int, nargs="+", default=None, metavar="C",
                    help="Detailer Head widths (default: 64 128 256 512 for patch 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--report", default=None, help="write the per-tensor report as JSON here")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder (for --init vae_fit)")
-    p.add_argument("--sample-images", nargs="+", default=None, help="images for --init vae_fit")
+    p.add_argument("--sample-images", nargs="+", default=None, metavar="IMG", help="images for --init vae_fit")
     p.add_argument("--image-size", type=int, default=256, help="vae_fit: center crop of the sample images")
 
 

@@ -12,8 +12,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
-
 from tqdm.auto import tqdm
 
 from l2p.checkpoint import (CheckpointError, CheckpointReader, StreamingWriter, check_not_input, parse_size,
@@ -110,11 +108,11 @@ def merge(trained_path, init_path, output_path, *, remove_prefix: str = "pipe.di
 # ----------------------------------------------------------------------------------------------
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--file_a", "--trained", required=True, dest="file_a", nargs="+",
+    p.add_argument("--file_a", "--trained", required=True, dest="file_a", nargs="+", metavar="PATH",
                    help="trained checkpoint (A, wins): file(s), index json or folder")
-    p.add_argument("--file_b", "--pixel-init", required=True, dest="file_b", nargs="+",
+    p.add_argument("--file_b", "--pixel-init", required=True, dest="file_b", nargs="+", metavar="PATH",
                    help="pixel-init checkpoint (B): file(s), index json or folder")
-    p.add_argument("--file_out", "--output", required=True, dest="file_out", help="merged .safetensors")
+    p.add_argument("--file_out", "--output", required=True, dest="file_out", metavar="PATH", help="merged .safetensors")
     p.add_argument("--remove-prefix", default="pipe.dit.", help="prefix stripped from A's keys (default pipe.dit.)")
     p.add_argument("--allow-shape-mismatch", action="store_true", help="keep B's tensor where shapes differ")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")

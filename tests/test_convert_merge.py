@@ -11,11 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import l2p.convert as convert_mod
-from l2p.checkpoint import (CheckpointError, CheckpointReader, atomic_save, make_synthetic_checkpoint, model_shapes,
-                            read_state_dict)
+from l2p.checkpoint import CheckpointError, atomic_save, make_synthetic_checkpoint, model_shapes, read_state_dict
 from l2p.config import DetailerConfig, DiTConfig, l2p_1k, l2p_4k, tiny_latent, z_image_turbo
-from l2p.convert import (TensorReport, add_convert_parser, convert, fit_vae_patch_map, main_convert, paper_frozen_layers,
-                         plan_conversion, release_init)
+from l2p.convert import (TensorReport, add_convert_parser, convert, encode_samples, fit_vae_patch_map, main_convert,
+                         paper_frozen_layers, plan_conversion, release_init)
 from l2p.merge import add_merge_parser, main_merge, merge
 from l2p.model import ZImageDiT, patchify
 
@@ -210,10 +209,10 @@ def test_vae_fit_recovers_a_linear_encoder(latent, tmp_path):
     torch.manual_seed(0)
     vae = LinearPatchVAE()
     images = torch.rand(7, 3, 256, 256) * 2 - 1
-    fit = fit_vae_patch_map(vae, images, 16, 2)
+    fit = fit_vae_patch_map(encode_samples(vae, images), 16, 2)
     assert fit.r2 > 0.999999 and fit.samples == 7 * 256
     with pytest.raises(ValueError, match="64 sample patches for 769 unknowns"):
-        fit_vae_patch_map(vae, images[:4, :, :64, :64], 16, 2)
+        fit_vae_patch_map(encode_samples(vae, images[:4, :, :64, :64]), 16, 2)
     report = convert(latent[-1], tmp_path / "v.safetensors", detailer=DETAILER, init="vae_fit", vae=vae,
                      sample_images=images, progress=False)
     assert report.vae_fit["16-1"]["r2"] > 0.999999
@@ -226,14 +225,22 @@ def test_vae_fit_recovers_a_linear_encoder(latent, tmp_path):
     torch.testing.assert_close(tok_px, tok_lat, atol=1e-4, rtol=1e-4)
 
 
-def test_vae_fit_with_a_diffusers_autoencoder():
+def test_vae_fit_cli_with_a_diffusers_autoencoder(latent, tmp_path, capsys):
     from diffusers import AutoencoderKL
+    from PIL import Image
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=4,
-                        layers_per_block=1, scaling_factor=0.3611, shift_factor=0.1159).eval()
-    fit = fit_vae_patch_map(vae, torch.rand(1, 3, 640, 640) * 2 - 1, 16, 2)
-    assert 0 < fit.r2 <= 1 and fit.A.shape == (64, 768) and fit.noise_gain > 0
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=4, layers_per_block=1,
+                  scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(tmp_path / "vae")
+    for i in range(2):
+        pixels = (torch.rand(500, 460, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"img{i}.png")
+    assert main_convert(["--latent-ckpt-files", str(latent[-1]), "--output-path", str(tmp_path / "v.safetensors"),
+                         "--detailer-channels", "8", "8", "16", "32", "--init", "vae_fit", "--vae",
+                         str(tmp_path / "vae"), "--sample-images", str(tmp_path / "img0.png"), str(tmp_path / "img1.png"),
+                         "--image-size", "448", "--report", str(tmp_path / "r.json")]) == 0
+    fit = json.loads((tmp_path / "r.json").read_text())["vae_fit"]["16-1"]
+    assert 0 < fit["r2"] <= 1 and fit["samples"] == 2 * 28 * 28 and fit["noise_gain"] > 0
 
 
 def test_vae_fit_needs_a_vae(latent, tmp_path):
@@ -296,7 +303,8 @@ def test_failed_verification_publishes_nothing(latent, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 def test_cli_with_release_flags(latent, tmp_path, capsys):
-    assert main_convert(["--latent_ckpt_files", *map(str, latent[:-1]), "--output_path", str(tmp_path / "p.safetensors"),
+    out = str(tmp_path / "p.safetensors")
+    assert main_convert(["--latent_ckpt_files", *map(str, latent[:-1]), "--output_path", out,
                          "--detailer-channels", "8", "8", "16", "32", "--seed", "3", "--report",
                          str(tmp_path / "r.json")]) == 0
     assert "copied" in capsys.readouterr().out and (tmp_path / "r.json").exists()

@@ -184,9 +184,9 @@ def judge_loss(out: dict, y: dict, bg_mask: Optional[torch.Tensor] = None) -> to
     return loss
 
 
-def train_evaluator(cfg: Union[str, EvaluatorTrainConfig] = "full", progress: bool = True
-                    ) -> tuple["Evaluator", pd.DataFrame]:
-    """Train the judge; returns (Evaluator, history)."""
+def train_evaluator(cfg: Union[str, EvaluatorTrainConfig] = "full", progress: bool = True, eval_every: int = 0,
+                    eval_n: int = 200) -> tuple["Evaluator", pd.DataFrame]:
+    """Train the judge; returns (Evaluator, history). `eval_every` > 0 logs held-out accuracy on the way."""
     cfg = evaluator_train_config(cfg)
     torch.manual_seed(cfg.seed)
     net = JudgeNet(cfg.net).train()
@@ -207,6 +207,13 @@ def train_evaluator(cfg: Union[str, EvaluatorTrainConfig] = "full", progress: bo
         opt.step()
         sched.step()
         rows.append(dict(step=step, loss=loss.item(), time=time.perf_counter() - t0))
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            _, summ = held_out_accuracy(Evaluator(net.eval(), cfg.world), eval_n)
+            net.train()
+            rows[-1].update({f"acc/{k}": v for k, v in summ["accuracy"].items()})
+            if progress:
+                tqdm.write(f"step {step + 1}: loss {np.mean([r['loss'] for r in rows[-eval_every:]]):.3f} "
+                           + " ".join(f"{k[:6]} {v:.2f}" for k, v in summ["accuracy"].items()))
     return Evaluator(net.eval().requires_grad_(False), cfg.world), pd.DataFrame(rows)
 
 
