@@ -138,9 +138,12 @@ def toy_latent(cap_feat_dim: int = 384) -> DiTConfig:
                      n_kv_heads=4, cap_feat_dim=cap_feat_dim, axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 
 
+TOY_DETAILER = DetailerConfig(channels=(8, 16, 32, 64))  # full-resolution convs dominate the CPU cost
+
+
 def toy_pixel(cap_feat_dim: int = 384) -> DiTConfig:
     """The toy source converted to pixels: RGB patch 16 → the same 4×4 grid, narrow Detailer Head."""
-    return toy_latent(cap_feat_dim).to_pixel((16,), DetailerConfig(channels=(16, 32, 64, 128)))
+    return toy_latent(cap_feat_dim).to_pixel((16,), TOY_DETAILER)
 
 
 def tiny_latent() -> DiTConfig:

@@ -522,7 +522,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (the release)")
     p.add_argument("--policy", default="paper", help="paper, full, head-only, embedder+head, custom")
-    p.add_argument("--n", type=int, default=5, help="paper policy: first and last n main layers train")
+    p.add_argument("--n", "--n-keep", dest="n", type=int, default=5,
+                   help="paper policy: first and last n main layers train (--n-keep under torchrun, which takes --n)")
     p.add_argument("--include", nargs="*", default=[], help="glob patterns added to the trainable set")
     p.add_argument("--exclude", nargs="*", default=[], help="glob patterns removed from the trainable set")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of --policy")

@@ -146,12 +146,12 @@ def test_writer_enforces_plan_order_dtype_and_shape(tmp_path):
 
 
 def test_exception_midway_leaves_nothing(tmp_path):
-    out = tmp_path / "new_dir" / "o.safetensors"
+    out = tmp_path / "new_dir" / "sub" / "o.safetensors"
     with pytest.raises(RuntimeError):
         with StreamingWriter(out, PLAN, max_shard_bytes=8) as w:
             w.write("a", torch.zeros(2))
             raise RuntimeError("crash")
-    assert files_in(tmp_path) == []  # not even the folder it created
+    assert files_in(tmp_path) == []  # not even the folders it created
 
 
 def test_incomplete_plan_fails_on_close_and_leaves_nothing(tmp_path):
@@ -298,15 +298,15 @@ def test_infer_config_rejects_other_models():
 def test_raw_copy_falls_back_to_buffered_reads(tmp_path, monkeypatch):
     tensors = {"a": torch.randn(1000), "b": torch.randn(3, 7).bfloat16()}
     src = atomic_save(tensors, tmp_path / "src.safetensors")
-    real, calls = os.copy_file_range, []
+    real, calls = os.sendfile, []
 
-    def flaky(fd_in, fd_out, count, offset_src=None):  # the kernel copies one chunk, then gives up
+    def flaky(fd_out, fd_in, offset, count):  # the kernel copies one chunk, then gives up
         calls.append(count)
         if len(calls) == 1:
-            return real(fd_in, fd_out, min(count, 1000), offset_src)
-        raise OSError(18, "Invalid cross-device link")
+            return real(fd_out, fd_in, offset, min(count, 1000))
+        raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr("l2p.checkpoint.os.copy_file_range", flaky)
+    monkeypatch.setattr("l2p.checkpoint.os.sendfile", flaky)
     with CheckpointReader(src) as r, StreamingWriter(tmp_path / "dst.safetensors",
                                                      [(k, t.dtype, t.shape) for k, t in tensors.items()]) as w:
         for k in tensors:

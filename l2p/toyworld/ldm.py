@@ -82,7 +82,7 @@ def train_source_ldm(cfg: Union[str, LDMTrainConfig], vae, text, progress: bool 
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
                        warmup_steps=cfg.warmup, grad_clip=1.0, policy="full", seeded_noise=False,
                        caption_dropout=cfg.caption_dropout, ema_decay=cfg.ema_decay, seed=cfg.seed,
-                       progress=progress, log_every=25)
+                       verbose=progress, log_every=25)
     history = train(model, LatentItems(latents, captions), text.encode_list, tcfg)
     return model.requires_grad_(False), history
 

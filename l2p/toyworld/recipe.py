@@ -1,0 +1,177 @@
+"""The L2P recipe end to end in the toy world: convert the source LDM, fine-tune, evaluate — cached runs.
+
+Every run is keyed by its full config, so notebooks share baselines (the paper-policy run that
+notebook 03 shows is the same cached run the ablations compare against) and a re-run computes only
+what changed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+
+from ..cache import cached
+from ..config import TOY_DETAILER, DetailerConfig
+from ..model import ZImageDiT
+from ..train import TrainConfig, train
+from .world import ToyWorld
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One toy fine-tuning run."""
+
+    policy: str = "paper"
+    n: int = 1  # the toy trunk has 4 main layers: n=1 trains layers 0 and 3, freezes 1–2 (as 5…24 of 30)
+    init: str = "release"  # "release", "vae_fit" (l2p convert inits) or "scratch" (no transfer)
+    corpus: str = "source"  # "source" (the LDM's own renders), "ground_truth" or "cross" (another LDM's)
+    corpus_size: int = 2000
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 50
+    shift: float = 3.0
+    patch: int = 16
+    image_size: int = 64
+    eval_every: int = 250
+    eval_prompts: int = 100
+    seed: int = 0
+
+    def replace(self, **kw) -> "FinetuneConfig":
+        return replace(self, **kw)
+
+
+FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
+                                                                    eval_every=2, eval_prompts=8)}
+
+
+@dataclass
+class FinetuneRun:
+    """A finished run: the merged pixel model, its loss history and its evaluation curve."""
+
+    config: FinetuneConfig
+    model: ZImageDiT
+    history: pd.DataFrame
+    evals: pd.DataFrame
+    path: Path
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Conversion
+# ----------------------------------------------------------------------------------------------
+
+def source_checkpoint(world: ToyWorld) -> Path:
+    """The source LDM as a safetensors file (it lives in the world's cache entry)."""
+    from ..cache import cache_dir, key_for
+    return cache_dir() / key_for("toy_source_ldm", {"ldm": world.spec.ldm.to_dict(), "vae": world.spec.mode},
+                                 world.spec.ldm.seed) / "model.safetensors"
+
+
+def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detailer: DetailerConfig = TOY_DETAILER,
+               seed: int = 0):
+    """`l2p convert` of the toy source LDM (cached): (path to the pixel-init file, ConvertReport dict)."""
+    from ..convert import convert
+    from .scenes import generate, to_tensor
+
+    def save(_, p):
+        kw = {}
+        if init == "vae_fit":
+            kw = {"vae": world.vae, "sample_images": to_tensor(generate(256, 777, world.world)[0])}
+        rep = convert(source_checkpoint(world), p / "pixel_init.safetensors", patch_sizes=tuple(patch_sizes),
+                      detailer=detailer, init=init, seed=seed, progress=False, **kw)
+        rep.save_json(p / "report.json")
+
+    key = {"world": world.spec.mode, "ldm": world.spec.ldm.to_dict(), "init": init, "patches": list(patch_sizes),
+           "detailer": asdict(detailer)}
+    path = cached("toy_pixel_init", key, seed, build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
+    return path / "pixel_init.safetensors"
+
+
+def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
+    """The converted init, or the same architecture from scratch for the no-transfer baseline."""
+    path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,))
+    model = ZImageDiT.from_pretrained(path)
+    if cfg.init == "scratch":
+        torch.manual_seed(cfg.seed)
+        model = ZImageDiT(model.cfg).init_for_training_from_scratch(torch.Generator().manual_seed(cfg.seed))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Fine-tuning
+# ----------------------------------------------------------------------------------------------
+
+def corpus_dir(world: ToyWorld, cfg: FinetuneConfig) -> Path:
+    if cfg.corpus == "source":
+        return world.corpus(cfg.corpus_size)
+    if cfg.corpus == "ground_truth":
+        return world.ground_truth_corpus(cfg.corpus_size)
+    if cfg.corpus == "cross":
+        return world.corpus(cfg.corpus_size, source=cross_source(world), name="toy_cross_corpus")
+    raise ValueError(f"unknown corpus {cfg.corpus!r}: source, ground_truth or cross")
+
+
+def cross_source(world: ToyWorld) -> ZImageDiT:
+    """A second toy LDM, trained with another seed on another image stream (the paper's "cross-model" data)."""
+    from .ldm import load_ldm, save_ldm, train_source_ldm
+    ldm = world.spec.ldm.replace(seed=world.spec.ldm.seed + 1, data_seed=world.spec.ldm.data_seed + 1)
+    model, _ = cached("toy_source_ldm", {"ldm": ldm.to_dict(), "vae": world.spec.mode}, ldm.seed,
+                      build_fn=lambda: train_source_ldm(ldm, world.vae, world.text, progress=False),
+                      save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
+    return model
+
+
+def _dataset(world: ToyWorld, cfg: FinetuneConfig):
+    """The training images at the run's resolution (the corpus is rendered at the world's size)."""
+    from ..data import ImageTextDataset
+    root = corpus_dir(world, cfg)
+    ds = ImageTextDataset(root, max_pixels=cfg.image_size ** 2)
+    world.text.prefill([e.prompt for e in ds.entries] + [""], batch_size=256)
+    return ds
+
+
+def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True) -> FinetuneRun:
+    """Fine-tune the converted toy model (cached by config): L2P's step 3, plus the merge of step 4."""
+
+    def build():
+        model = initial_model(world, cfg)
+        ds = _dataset(world, cfg)
+        prompts = world.prompts(cfg.eval_prompts, seed=4242)
+        evals = []
+
+        def eval_fn(m, step):
+            m.eval()
+            r = world.evaluate(world.pixel_pipeline(m), prompts, seed=cfg.seed)
+            m.train()
+            row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
+            evals.append(row)
+            return row
+
+        eval_fn(model, 0)
+        tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup,
+                           policy="full" if cfg.init == "scratch" else cfg.policy, n_keep=cfg.n, shift=cfg.shift,
+                           seeded_noise=True, eval_every=cfg.eval_every, seed=cfg.seed, verbose=progress,
+                           log_every=25)
+        history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn)
+        if not evals or evals[-1]["step"] != cfg.steps:
+            eval_fn(model, cfg.steps)
+        return model, history, pd.DataFrame(evals)
+
+    def save(art, p):
+        from ..checkpoint import atomic_save
+        model, history, evals = art
+        atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, p / "model.safetensors",
+                    metadata={"l2p_config": json.dumps(model.cfg.to_dict())})
+        history.to_csv(p / "history.csv", index=False)
+        evals.to_csv(p / "evals.csv", index=False)
+
+    def load(p):
+        return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
+                           pd.read_csv(p / "evals.csv"), p)
+
+    key = {"world": world.spec.mode, "ldm": world.spec.ldm.to_dict(), **asdict(cfg)}
+    return cached("toy_finetune", key, cfg.seed, build_fn=build, save_fn=save, load_fn=load)
