@@ -58,6 +58,7 @@ class FinetuneRun:
     history: pd.DataFrame
     evals: pd.DataFrame
     path: Path
+    samples: dict  # step -> (8, 3, H, W) samples of the first eval prompts, same seeds at every step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         model = initial_model(world, cfg)
         ds = _dataset(world, cfg)
         prompts = world.prompts(cfg.eval_prompts, seed=4242)
-        evals = []
+        evals, samples = [], {}
 
         def eval_fn(m, step):
             m.eval()
@@ -149,6 +150,7 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
             m.train()
             row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
             evals.append(row)
+            samples[step] = r["images"][:8].clone()
             return row
 
         eval_fn(model, 0)
@@ -159,19 +161,20 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn)
         if not evals or evals[-1]["step"] != cfg.steps:
             eval_fn(model, cfg.steps)
-        return model, history, pd.DataFrame(evals)
+        return model, history, pd.DataFrame(evals), samples
 
     def save(art, p):
         from ..checkpoint import atomic_save
-        model, history, evals = art
+        model, history, evals, samples = art
         atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, p / "model.safetensors",
                     metadata={"l2p_config": json.dumps(model.cfg.to_dict())})
         history.to_csv(p / "history.csv", index=False)
         evals.to_csv(p / "evals.csv", index=False)
+        torch.save({int(k): v for k, v in samples.items()}, p / "samples.pt")
 
     def load(p):
         return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
-                           pd.read_csv(p / "evals.csv"), p)
+                           pd.read_csv(p / "evals.csv"), p, torch.load(p / "samples.pt"))
 
     key = {"world": world.spec.mode, "ldm": world.spec.ldm.to_dict(), **asdict(cfg)}
     return cached("toy_finetune", key, cfg.seed, build_fn=build, save_fn=save, load_fn=load)
