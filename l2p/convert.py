@@ -17,7 +17,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -83,7 +83,6 @@ class TensorReport:
 
     def summary(self, by: str = "group"):
         """Tensors and parameters per `by` value and status, with a total row."""
-        import pandas as pd
         df = self.to_dataframe()
         order = list(dict.fromkeys(df[by]))
         t = (df.groupby([by, "status"], sort=False).agg(tensors=("key", "size"), params=("numel", "sum"))
@@ -93,7 +92,7 @@ class TensorReport:
 
     def meta(self) -> dict:
         """Run-level fields (everything but the rows)."""
-        return {k: v for k, v in asdict(self).items() if k != "rows"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"}
 
     def save_json(self, path) -> Path:
         path = Path(path)
