@@ -19,26 +19,22 @@ class LoadError(KeyError):
 
 
 def config_for_checkpoint(files: list[Path], reader) -> DiTConfig:
-    """The DiTConfig of a checkpoint: l2p metadata, a diffusers-style config.json beside it, else its shapes."""
-    from .checkpoint import infer_config
+    """The DiTConfig of a checkpoint: l2p metadata, else a diffusers-style config.json beside it, else its shapes."""
+    from .checkpoint import checkpoint_config
 
-    meta = reader.metadata or {}
-    if "l2p_config" in meta:  # files written by l2p carry their exact config
-        return DiTConfig.from_dict(json.loads(meta["l2p_config"]))
+    cfg = checkpoint_config(reader)
     cfg_json = Path(files[0]).parent / "config.json"
-    inferred = infer_config({k: tuple(reader.shape(k)) for k in reader.keys()})
-    if cfg_json.exists():
-        try:
-            d = json.loads(cfg_json.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_json}: not valid JSON ({e})") from None
-        if "dim" in d and "n_layers" in d:
-            # config.json knows what shapes cannot tell (axes_lens, rope_theta …); shapes say which form.
-            return DiTConfig.from_dict({**d, "detailer": inferred.detailer,
-                                        "all_patch_size": inferred.all_patch_size,
-                                        "all_f_patch_size": inferred.all_f_patch_size,
-                                        "in_channels": inferred.in_channels})
-    return inferred
+    if "l2p_config" in reader.metadata or not cfg_json.exists():
+        return cfg
+    try:
+        d = json.loads(cfg_json.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_json}: not valid JSON ({e})") from None
+    if "dim" not in d or "n_layers" not in d:
+        return cfg
+    # config.json knows what shapes cannot tell (axes_lens, rope_theta …); the shapes say which form.
+    return DiTConfig.from_dict({**d, "detailer": cfg.detailer, "all_patch_size": cfg.all_patch_size,
+                                "all_f_patch_size": cfg.all_f_patch_size, "in_channels": cfg.in_channels})
 
 
 def _describe(keys, limit: int = 8) -> str:

@@ -39,8 +39,8 @@ ALL_CHECKS = ("count", "shape", "color", "size", "position", "background", "obje
 class JudgeConfig:
     """Judge network sizes."""
 
-    width: int = 24
-    cell_dim: int = 24  # per-cell hidden features
+    width: int = 16
+    cell_dim: int = 32  # per-cell hidden features
     background_dim: int = 32
     image_size: int = 64  # inputs of other sizes are resized to this
 

@@ -59,8 +59,10 @@ DEFAULT_CATEGORIES = ("single_object", "colors", "size", "position", "background
                       "relation")
 
 _CELL = BASE / 3
-_RADIUS = {"small": (4.6, 5.6), "large": (8.0, 9.2)}  # base units; large ones still fit one grid cell
-_JITTER = 1.0  # ± position jitter (base units) around the cell centre
+# Base units. Small shapes stay ≥ 11 px across so circle vs square survives blur; large ones (plus jitter)
+# still fit one 21.3-unit grid cell, so objects in neighbouring cells never touch.
+_RADIUS = {"small": (5.4, 6.2), "large": (8.4, 9.4)}
+_JITTER = 0.8  # ± position jitter (base units) around the cell centre
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,337 @@
+"""Toy world: deterministic scenes, caption round trip, renders, the toy VAE, the judge and the cache."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from l2p import cache
+from l2p.toyworld import scenes as sc
+from l2p.toyworld import vae as tv
+from l2p.toyworld.evaluator import (CATEGORY_CHECKS, EVALUATOR_MODES, Evaluator, EvaluatorTrainConfig, JudgeConfig,
+                                    JudgeNet, held_out_accuracy, load_or_train_evaluator, train_evaluator)
+
+# ----------------------------------------------------------------------------------------------
+#                                          Scenes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic():
+    a, ca, _ = sc.generate(24, seed=3)
+    b, cb, _ = sc.generate(24, seed=3)
+    c, cc, _ = sc.generate(24, seed=4)
+    assert a.dtype == np.uint8 and a.shape == (24, 64, 64, 3)
+    assert np.array_equal(a, b) and ca == cb
+    assert not np.array_equal(a, c) and ca != cc
+
+
+def test_items_are_addressable():
+    """Item i of a stream is the same however it is reached: slices, offsets, the Dataset."""
+    full, caps, _ = sc.generate(12, seed=5)
+    part, pcaps, _ = sc.generate(4, seed=5, start=8)
+    assert np.array_equal(full[8:], part) and caps[8:] == pcaps
+    ds = sc.ToyWorldDataset(12, seed=5)
+    x, cap, labels = ds[10]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(x, sc.to_tensor(full[10])) and cap == caps[10]
+    assert labels["cell_shape"].shape == (9,) and int(labels["count"]) == int((labels["cell_shape"] > 0).sum())
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch[0].shape == (4, 3, 64, 64) and len(batch[1]) == 4 and batch[2]["background"].shape == (4,)
+    with pytest.raises(IndexError):
+        ds[12]
+
+
+def test_to_tensor_to_uint8_roundtrip():
+    imgs, _, _ = sc.generate(3, seed=0)
+    assert np.array_equal(sc.to_uint8(sc.to_tensor(imgs)), imgs)
+
+
+@pytest.mark.parametrize("kind", sc.KINDS)
+def test_caption_roundtrip(kind):
+    cfg = sc.ToyWorldConfig(shapes=sc.SHAPES, colors=tuple(sc.COLORS))
+    for i in range(250):
+        rng = sc.item_rng(11, i)
+        scene = sc.sample_scene(rng, cfg, kind)
+        for text in (sc.caption(scene, rng), sc.caption(scene)):  # varied wording, then canonical
+            assert sc.parse_caption(text) == scene.attributes(), text
+
+
+def test_caption_wording_varies():
+    caps = {sc.caption(sc.sample_scene(sc.item_rng(1, 0), kind="single"), sc.item_rng(2, j)) for j in range(40)}
+    assert len(caps) > 20
+
+
+def test_parse_handwritten_captions():
+    p = sc.parse_caption("A large red circle in the top left on a striped background.")
+    assert p == {"kind": "single", "count": 1, "background": "stripes", "relation": None,
+                 "objects": [{"shape": "circle", "color": "red", "size": "large", "position": "top left"}]}
+    p = sc.parse_caption("on a grainy backdrop, two small blue squares")
+    assert (p["kind"], p["count"], p["objects"][0]["shape"], p["background"]) == ("counting", 2, "square", "grain")
+    p = sc.parse_caption("a big yellow plus sign to the left of a tiny violet triangle over a flat background")
+    assert p["kind"] == "two_object" and p["relation"] == "left of"
+    assert [(o["shape"], o["color"], o["size"]) for o in p["objects"]] == [("cross", "yellow", "large"),
+                                                                          ("triangle", "purple", "small")]
+    with pytest.raises(ValueError):
+        sc.parse_caption("a red circle")  # no background
+
+
+def test_relation_scenes_satisfy_their_relation():
+    for i in range(200):
+        s = sc.sample_scene(sc.item_rng(9, i), kind="two_object")
+        a, b = s.objects
+        assert sc._relation_holds(s.relation, a.position, b.position)
+        assert (a.shape, a.color) != (b.shape, b.color)
+
+
+def test_render_matches_scene():
+    """The object colour sits at the object's centre; its cell differs from every empty cell's centre."""
+    cfg = sc.ToyWorldConfig(shapes=sc.SHAPES, mix=(("single", 0.4), ("counting", 0.3), ("mixed", 0.3)))
+    imgs, _, scenes = sc.generate(200, seed=2, cfg=cfg)
+    for img, s in zip(imgs, scenes):
+        for o in s.objects:
+            px = img[int(o.cy), int(o.cx)].astype(int)
+            assert np.abs(px - np.round(np.asarray(o.rgb) * 255)).max() <= 2
+        occupied = {o.cell for o in s.objects}
+        for cell in set(range(9)) - occupied:  # empty cells hold no object colour at their centre
+            x, y = sc._cell_center(sc.POSITIONS[cell])
+            px = img[int(y), int(x)].astype(int)
+            assert all(np.abs(px - np.round(np.asarray(o.rgb) * 255)).max() > 12 for o in s.objects)
+
+
+def test_render_scales_with_size():
+    s = sc.sample_scene(sc.item_rng(0, 1), kind="single")
+    s.background = sc.Background("plain", (0.5, 0.5, 0.5))
+    small, big = sc.render(s, 64), sc.render(s, 128)
+    assert big.shape == (128, 128, 3)
+    area = lambda im: (np.abs(im.astype(int) - 128).max(-1) > 40).sum()  # noqa: E731
+    assert area(big) / area(small) == pytest.approx(4.0, rel=0.1)
+    pooled = big.reshape(64, 2, 64, 2, 3).mean((1, 3))
+    assert np.abs(pooled - small).mean() < 2.0
+
+
+def test_textured_backgrounds_carry_high_frequencies():
+    from l2p.metrics import high_frequency_energy
+
+    hf = {}
+    for bg in sc.BACKGROUNDS:
+        imgs, _, _ = sc.generate(16, seed=0, cfg=sc.ToyWorldConfig(backgrounds=(bg,)))
+        hf[bg] = high_frequency_energy(sc.to_tensor(imgs), cutoff=0.25)
+    for textured in ("stripes", "checks", "grain"):
+        assert hf[textured] > 5 * max(hf["plain"], hf["gradient"]), hf
+
+
+def test_prompt_set_categories():
+    ps = sc.prompt_set(80, seed=1)
+    cats = [p.category for p in ps]
+    assert set(cats) == set(sc.DEFAULT_CATEGORIES) and len(set(cats.count(c) for c in set(cats))) == 1
+    for p in ps:
+        assert p.scene.kind == sc.CATEGORY_KIND[p.category]
+        assert sc.parse_caption(p.text) == p.scene.attributes()
+    assert [p.text for p in sc.prompt_set(80, seed=1)] == [p.text for p in ps]
+    single = sc.single_object_world()
+    assert set(single.categories()) == {"single_object", "colors", "size", "position", "background"}
+
+
+def test_world_mix_and_validation():
+    cfg = sc.ToyWorldConfig()
+    kinds = [sc.sample_scene(sc.item_rng(0, i), cfg).kind for i in range(2000)]
+    assert 0.75 < kinds.count("single") / len(kinds) < 0.85
+    assert max(len(s.objects) for s in (sc.sample_scene(sc.item_rng(1, i), cfg) for i in range(300))) == 3
+    with pytest.raises(ValueError):
+        sc.ToyWorldConfig(shapes=("hexagon",))
+    with pytest.raises(ValueError):
+        sc.ToyWorldConfig(max_objects=1)  # the default mix has multi-object kinds
+
+
+def test_generation_is_fast():
+    t = time.perf_counter()
+    sc.generate(256, seed=0)
+    assert time.perf_counter() - t < 2.0  # ~1–3k images/s on an idle core
+
+
+# ----------------------------------------------------------------------------------------------
+#                                           VAE
+# ----------------------------------------------------------------------------------------------
+
+
+def test_vae_shapes_and_normalisation(tmp_path):
+    torch.manual_seed(0)
+    cfg = tv.vae_train_config("smoke")
+    vae = tv.build_vae(cfg).eval()
+    assert vae.config.latent_channels == 16 and len(vae.config.block_out_channels) == 4
+    x = sc.to_tensor(sc.generate(16, seed=0)[0])
+    shift, scale = tv.calibrate(vae, x)
+    z = tv.encode(vae, x)
+    assert z.shape == (16, 16, 8, 8)
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, rel=1e-3)
+    y = tv.decode(vae, z)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    tv.save_vae(vae, None, tmp_path / "vae")
+    vae2, hist = tv.load_vae(tmp_path / "vae")
+    assert hist is None
+    assert vae2.config.shift_factor == pytest.approx(shift) and vae2.config.scaling_factor == pytest.approx(scale)
+    assert torch.allclose(tv.encode(vae2, x), z, atol=1e-5)
+
+
+def test_train_vae_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path))
+    cfg = tv.VAETrainConfig(steps=3, batch_size=4, calib_images=8)
+    t = time.perf_counter()
+    vae, hist = tv.load_or_train_vae(cfg, progress=False)
+    assert len(hist) == 3 and {"loss", "l1", "kl", "psnr"} <= set(hist.columns)
+    assert vae.config.scaling_factor != 1.0
+    assert time.perf_counter() - t < 30
+    before = sorted(os.listdir(tmp_path))
+    vae2, hist2 = tv.load_or_train_vae(cfg, progress=False)  # a cache hit: nothing new is built
+    assert sorted(os.listdir(tmp_path)) == before and len(hist2) == 3
+    for a, b in zip(vae.parameters(), vae2.parameters()):
+        assert torch.equal(a, b)
+    m = tv.evaluate_vae(vae2, n=8)
+    assert {"psnr", "hf_ratio", "spectral_fidelity", "hf_ratio/stripes"} <= set(m)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Evaluator (judge)
+# ----------------------------------------------------------------------------------------------
+
+
+class OracleEvaluator(Evaluator):
+    """Reads the scenes it was built with instead of the images: tests the scoring logic alone."""
+
+    def __init__(self, scenes):
+        super().__init__(JudgeNet(JudgeConfig(width=4, cell_dim=4, background_dim=4)))
+        self.scenes = scenes
+
+    def predict(self, images):
+        out = []
+        for s in self.scenes:
+            objs = [{"shape": o.shape, "color": o.color, "size": o.size, "position": o.position, "confidence": 1.0}
+                    for o in s.objects]
+            out.append({"count": len(objs), "objects": objs, "background": s.background.kind})
+        return out
+
+
+def test_scoring_logic_with_an_oracle():
+    ps = sc.prompt_set(64, seed=5)
+    images = np.zeros((64, 64, 64, 3), np.uint8)
+    oracle = OracleEvaluator([p.scene for p in ps])
+    df = oracle.score(images, ps)
+    assert df["correct"].all() and len(df) == 64
+    summ = Evaluator.summary(df)
+    assert summ.loc["overall", "accuracy"] == 1.0 and summ.loc["overall", "n"] == 64
+    # Break one attribute per scene and check that exactly the categories asking for it fail.
+    import copy
+
+    broken = copy.deepcopy([p.scene for p in ps])
+    for s in broken:
+        o = s.objects[0]
+        o.color = "red" if o.color != "red" else "blue"
+    df = OracleEvaluator(broken).score(images, ps)
+    for cat, group in df.groupby("category"):
+        asks_color = "color" in CATEGORY_CHECKS[cat] or "objects" in CATEGORY_CHECKS[cat]
+        assert (~group["correct"]).all() if asks_color else group["correct"].all(), cat
+    # Swapping a relation's two objects breaks "relation" but not "two_object".
+    swapped = copy.deepcopy([p.scene for p in ps])
+    for s in swapped:
+        if s.kind == "two_object":
+            a, b = s.objects
+            a.position, b.position = b.position, a.position
+    acc = Evaluator.summary(OracleEvaluator(swapped).score(images, ps))["accuracy"]
+    assert acc["relation"] == 0.0 and acc["two_object"] == 1.0
+    # Captions and scenes work as targets too (default categories from the scene kind).
+    df = oracle.score(images, [p.scene for p in ps])
+    assert set(df["category"]) == {"full", "counting", "relation"} and df["correct"].all()
+    df = oracle.score(images, [p.text for p in ps])
+    assert df["correct"].all()
+
+
+def test_evaluator_smoke_train_save_load(tmp_path):
+    ev, hist = train_evaluator("smoke", progress=False)
+    assert len(hist) == EVALUATOR_MODES["smoke"].steps
+    imgs, _, scenes = sc.generate(8, seed=1)
+    f = ev.features(imgs)
+    assert f.shape == (8, ev.feature_dim) and torch.isfinite(f).all()
+    assert ev.features(sc.to_tensor(imgs)).allclose(f, atol=1e-5)  # uint8 HWC and float CHW agree
+    big = np.stack([sc.render(s, 128) for s in scenes])
+    assert ev.features(big).shape == f.shape  # other sizes are resized
+    ev.save(tmp_path / "judge")
+    ev2 = Evaluator.load(tmp_path / "judge")
+    assert torch.allclose(ev2.features(imgs), f, atol=1e-6) and ev2.world == ev.world
+
+
+# A quick judge on an easier world (one object, canonical sizes), trained inside the test in ~15–30 s.
+QUICK = EvaluatorTrainConfig(steps=150, batch_size=48, world=sc.ToyWorldConfig(mix=(("single", 1.0),)))
+
+
+def test_quick_evaluator_reads_single_objects():
+    ev, _ = train_evaluator(QUICK, progress=False)
+    df, summ = held_out_accuracy(ev, n=200, world=QUICK.world)
+    assert summ.loc["overall", "accuracy"] >= 0.9, summ
+
+
+@pytest.mark.slow
+def test_full_evaluator_accuracy_on_ground_truth():
+    """The full-mode judge (from the cache, or trained: ~2–5 min) scores ≥ 0.95 on held-out ground truth."""
+    ev = load_or_train_evaluator("full", progress=False)
+    df, summ = held_out_accuracy(ev, n=800)
+    assert summ.loc["overall", "accuracy"] >= 0.95, summ
+
+
+# ----------------------------------------------------------------------------------------------
+#                                           Cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _json_artefact(calls):
+    def build():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    save = lambda art, p: (p / "a.json").write_text(json.dumps(art))  # noqa: E731
+    load = lambda p: json.loads((p / "a.json").read_text())  # noqa: E731
+    return build, save, load
+
+
+def test_cache_hit_miss(tmp_path):
+    calls = []
+    build, save, load = _json_artefact(calls)
+    cfg = {"b": 2, "a": (1, 2)}
+    a = cache.cached("thing", cfg, 0, build, save, load, root=tmp_path)
+    b = cache.cached("thing", {"a": [1, 2], "b": 2}, 0, build, save, load, root=tmp_path)  # same key
+    assert a == b == {"value": 1} and len(calls) == 1
+    assert cache.is_cached("thing", cfg, 0, root=tmp_path)
+    c = cache.cached("thing", cfg, 1, build, save, load, root=tmp_path)  # another seed: a miss
+    assert c == {"value": 2} and len(calls) == 2
+    d = cache.cached("thing", cfg, 0, build, save, load, root=tmp_path, rebuild=True)
+    assert d == {"value": 3}
+    entries = [p for p in tmp_path.iterdir()]
+    assert len(entries) == 2 and not any(p.name.startswith(".") for p in entries)
+    meta = json.loads((tmp_path / cache.key_for("thing", cfg, 0) / "cache_meta.json").read_text())
+    assert meta["seed"] == 0 and meta["version"] == cache.version_string()
+
+
+def test_cache_keys():
+    k = cache.key_for("vae", tv.VAETrainConfig(), 0)
+    assert k == cache.key_for("vae", tv.VAETrainConfig().to_dict(), 0) and k.startswith("vae-")
+    assert k != cache.key_for("vae", tv.VAETrainConfig(steps=7), 0)
+    assert k != cache.key_for("vae", tv.VAETrainConfig(), 1)
+    assert k != cache.key_for("vae", tv.VAETrainConfig(), 0, version="other")
+
+
+def test_cache_failed_build_leaves_nothing(tmp_path):
+    def boom(art, p):
+        (p / "partial").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        cache.cached("x", {}, 0, lambda: 1, boom, lambda p: 1, root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path / "c"))
+    assert cache.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("L2P_CACHE")
+    assert cache.cache_dir().parts[-2:] == (".cache", "l2p")
