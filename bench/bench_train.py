@@ -3,7 +3,8 @@
 Each (model, policy) run is `l2p.train.train` in a fresh subprocess on random in-memory images and fixed
 random caption features, so memory peaks do not mix. Runs alternate paper, full, paper, full, … so that load
 from other processes on a shared machine hits both alike. Step time: the median (and the min, the figure
-least disturbed by other load) of all steps after the warm-up ones, pooled over rounds. Memory: the peak
+least disturbed by other load) of all steps after the warm-up ones, pooled over rounds. FLOPs: one forward +
+backward counted by torch's FlopCounterMode (matmuls, convolutions, attention), immune to machine load. Memory: the peak
 RSS (ru_maxrss) minus the RSS just before training (model, data and imports already resident), i.e. what
 training adds (gradients, AdamW state, activations); median over rounds. The raw peak is printed too.
 
@@ -46,9 +47,13 @@ hist = train(model, data, lambda ps: [feats[p] for p in ps],
              TrainConfig(steps=steps, batch_size=batch, lr=1e-5, policy=policy, n_keep=n, verbose=False,
                          gradient_checkpointing=ckpt == "1"))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from torch.utils.flop_counter import FlopCounterMode
+x = torch.stack([d["x"] for d in data])
+with FlopCounterMode(display=False) as fc:  # one forward + backward with the policy applied
+    model(x, torch.full((batch,), 0.5), [feats[d["prompt"]] for d in data]).square().mean().backward()
 params = dict(model.named_parameters())
 trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-print(json.dumps({"sec": hist.sec.tolist(), "before_mb": before, "peak_mb": peak, "trainable": trainable,
+print(json.dumps({"sec": hist.sec.tolist(), "flops": fc.get_total_flops(), "before_mb": before, "peak_mb": peak, "trainable": trainable,
                   "total": sum(p.numel() for p in params.values()), "n_layers": cfg.n_layers,
                   "n_refiner": cfg.n_refiner_layers}))
 """
@@ -76,7 +81,7 @@ def main():
     print(f"{args.threads} thread(s), gradient checkpointing {'on' if args.grad_ckpt else 'off'}, "
           f"{args.rounds} round(s) × {args.steps - args.warmup} timed steps per policy")
     print(f"{'model':5} {'policy':9} {'frozen blocks':>13} {'trainable':>11} {'frozen':>7} "
-          f"{'step s med':>10} {'min':>6} {'train MiB':>9} {'peak MiB':>8}")
+          f"{'GFLOP':>6} {'step s med':>10} {'min':>6} {'train MiB':>9} {'peak MiB':>8}")
     for name, size, batch, n in CONFIGS:
         if args.only and name != args.only:
             continue
@@ -94,10 +99,11 @@ def main():
             blocks = r["n_layers"] + 2 * r["n_refiner"]
             frozen = max(r["n_layers"] - 2 * n, 0) if policy == "paper" else 0
             print(f"{name:5} {policy + (f' n={n}' if policy == 'paper' else ''):9} {f'{frozen}/{blocks}':>13} "
-                  f"{r['trainable']:>11,} {100 * (1 - r['trainable'] / r['total']):>6.1f}% {r['med']:>10.3f} "
+                  f"{r['trainable']:>11,} {100 * (1 - r['trainable'] / r['total']):>6.1f}% {r['flops'] / 1e9:>6.1f} {r['med']:>10.3f} "
                   f"{r['min']:>6.3f} {r['train_mb']:>9.0f} {r['peak_mb']:>8.0f}")
         p, f = res["paper"], res["full"]
-        print(f"{name:5} paper/full ({size}×{size}, batch {batch}): step time {p['med'] / f['med']:.2f}× median, "
+        print(f"{name:5} paper/full ({size}×{size}, batch {batch}): FLOPs {p['flops'] / f['flops']:.2f}×, "
+              f"step time {p['med'] / f['med']:.2f}× median, "
               f"{p['min'] / f['min']:.2f}× min (goal ≤ 0.8); training memory {p['train_mb'] / f['train_mb']:.2f}× "
               f"(goal ≤ 0.7); peak RSS {p['peak_mb'] / f['peak_mb']:.2f}×")
 
