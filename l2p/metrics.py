@@ -45,18 +45,24 @@ def to_uint8_nchw(images: ImageLike) -> torch.Tensor:
 #                                    Spectra and PSNR
 # ----------------------------------------------------------------------------------------------
 
-def radial_power_spectrum(images: ImageLike) -> tuple[torch.Tensor, torch.Tensor]:
+def radial_power_spectrum(images: ImageLike, window: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Radially averaged power spectrum, mean over channels and images.
 
     Returns (freqs, power): freqs in cycles/pixel from 0 to 0.5 (Nyquist) in 1/H steps, one bin per integer
     radius of the centred 2-D spectrum; power = mean |FFT|²/(H·W) in the ring. Each image's mean is removed
-    (bin 0 is then ~0), so the spectrum describes structure, not brightness.
+    (bin 0 is then ~0), so the spectrum describes structure, not brightness. With `window`, a 2-D Hann
+    window (normalised to unit mean power) stops the image border, which the FFT treats as periodic, from
+    leaking a smooth gradient's energy into every frequency.
     """
     x = to_float(images).double()
     n, c, h, w = x.shape
     if h != w:
         raise ValueError("radial_power_spectrum expects square images")
     x = x - x.mean(dim=(-2, -1), keepdim=True)
+    if window:
+        win = torch.hann_window(h, periodic=False, dtype=torch.float64)
+        win2 = win[:, None] * win[None, :]
+        x = x * (win2 / win2.pow(2).mean().sqrt())
     p = torch.fft.fftshift(torch.fft.fft2(x).abs().pow(2) / (h * w), dim=(-2, -1)).mean(dim=(0, 1))
     fy, fx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
     r = torch.sqrt((fx ** 2 + fy ** 2).double()).round().long().flatten()

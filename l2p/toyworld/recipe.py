@@ -107,10 +107,13 @@ def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
 # ----------------------------------------------------------------------------------------------
 
 def corpus_dir(world: ToyWorld, cfg: FinetuneConfig) -> Path:
+    if cfg.corpus != "ground_truth" and cfg.image_size != world.image_size:
+        raise ValueError(f"the {cfg.corpus!r} corpus is rendered at {world.image_size}²; at {cfg.image_size}² "
+                         "train on the ground-truth corpus")
     if cfg.corpus == "source":
         return world.corpus(cfg.corpus_size)
     if cfg.corpus == "ground_truth":
-        return world.ground_truth_corpus(cfg.corpus_size)
+        return world.ground_truth_corpus(cfg.corpus_size, size=cfg.image_size)
     if cfg.corpus == "cross":
         return world.corpus(cfg.corpus_size, source=cross_source(world), name="toy_cross_corpus")
     raise ValueError(f"unknown corpus {cfg.corpus!r}: source, ground_truth or cross")
@@ -146,7 +149,8 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
 
         def eval_fn(m, step):
             m.eval()
-            r = world.evaluate(world.pixel_pipeline(m), prompts, seed=cfg.seed)
+            r = world.evaluate(world.pixel_pipeline(m), prompts, seed=cfg.seed, image_size=cfg.image_size,
+                               shift=cfg.shift)
             m.train()
             row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
             evals.append(row)

@@ -111,41 +111,52 @@ class ToyWorld:
                                                            progress=False),
                       load_fn=lambda p: p)
 
-    def ground_truth_corpus(self, n: Optional[int] = None, seed: int = 0) -> Path:
-        """Procedural renders of the same captions as `corpus` ("real" data, with full texture)."""
+    def ground_truth_corpus(self, n: Optional[int] = None, seed: int = 0, size: Optional[int] = None) -> Path:
+        """Procedural renders of the same captions as `corpus` ("real" data, with full texture), at any size."""
         from ..data import write_metadata
         from PIL import Image
-        n = n or self.spec.corpus_size
+        n, size = n or self.spec.corpus_size, size or self.image_size
 
         def save(_, p):
-            imgs, caps, _ = generate(n, seed + 10_000, self.world)
+            imgs, caps, _ = generate(n, seed + 10_000, self.world.replace(size=size))
             (p / "images").mkdir()
             for i, im in enumerate(imgs):
                 Image.fromarray(im).save(p / f"images/{i:06d}.png")
             write_metadata(p, [{"image": f"images/{i:06d}.png", "prompt": c, "seed": seed + i}
                                for i, c in enumerate(caps)])
-        return cached("toy_gt_corpus", {"world": self.world.to_dict(), "n": n}, seed,
+        return cached("toy_gt_corpus", {"world": self.world.replace(size=size).to_dict(), "n": n}, seed,
                       build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, pipe, prompts: Optional[Sequence[Prompt]] = None, seed: int = 0, batch_size: int = 64,
-                 cfg_scale: Optional[float] = None, steps: Optional[int] = None, **kw) -> dict:
-        """Sample every prompt, then score: toy-GenEval per category, FID/KID (judge features), spectra."""
+                 cfg_scale: Optional[float] = None, steps: Optional[int] = None, image_size: Optional[int] = None,
+                 **kw) -> dict:
+        """Sample every prompt, then score: toy-GenEval per category, FID/KID (judge features), spectra.
+
+        Larger images (high-resolution experiments) are area-downsampled to the judge's size for the
+        judge-based scores; the spectral distance is measured at full size against renders of that size.
+        """
+        import torch.nn.functional as F
         prompts = list(prompts or self.prompts())
+        size = image_size or self.image_size
         imgs = []
         for k in range(0, len(prompts), batch_size):
             chunk = prompts[k : k + batch_size]
             imgs.append(pipe.sample([p.text for p in chunk], seed=seed + k, num_inference_steps=steps or self.sample_steps,
-                                    cfg_scale=cfg_scale or self.cfg_scale, height=self.image_size,
-                                    width=self.image_size, **kw))
+                                    cfg_scale=cfg_scale or self.cfg_scale, height=size, width=size, **kw))
         gen = torch.cat(imgs)
-        ref = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
-        scores = self.evaluator.score(gen, prompts)
+        ref = to_tensor(np.stack([render(p.scene, size) for p in prompts]))
+        spectral = spectral_fidelity(gen, ref)
+        if size != self.image_size:
+            gen_j, ref_j = (F.adaptive_avg_pool2d(t, self.image_size) for t in (gen, ref))
+        else:
+            gen_j, ref_j = gen, ref
+        scores = self.evaluator.score(gen_j, prompts)
         summary = Evaluator.summary(scores)
         return {"images": gen, "reference": ref, "scores": scores, "summary": summary,
                 "geneval": float(summary.loc["overall", "accuracy"]),
-                "fid": toy_fid(gen, ref, self.evaluator), "kid": toy_kid(gen, ref, self.evaluator)[0],
-                "spectral": spectral_fidelity(gen, ref)}
+                "fid": toy_fid(gen_j, ref_j, self.evaluator), "kid": toy_kid(gen_j, ref_j, self.evaluator)[0],
+                "spectral": spectral}
 
 
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:

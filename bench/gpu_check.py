@@ -1,0 +1,322 @@
+"""One-GPU check of the real architectures with random bf16 weights: step times, peak memory, sanity checks.
+
+    python bench/gpu_check.py [--quick] [--out gpu_check.json]   # one H100/H200: ~2-4 min (budget guard 7 min)
+    python bench/gpu_check.py --tiny                             # every section, tiny presets, on the CPU (tests)
+
+Models are built on the meta device and materialised on the GPU in bf16 (no CPU copy of 6B parameters);
+text features are random (L, 2560) tensors. Sections, in this order, each guarded so that an OOM or an
+error marks its rows and the next section still runs:
+
+  sweep     Z-Image-Turbo step + Flux VAE decode, l2p_1k step at patch 16, l2p_4k step at patch 64, at 1024²
+            and 4096² (grids up to 4096 tokens; l2p.efficiency.measure)
+  train     one l2p_1k training step at 1024²: paper freeze policy (l2p.train.prepare_trainable), AdamW on the
+            trainable subset, gradient checkpointing, bf16 weights; peak includes gradients and AdamW state
+  bf16      bf16 vs fp32 agreement of the l2p_1k forward on a 256² input (TF32 off for the reference)
+  odd-grid  l2p_1k forward at 1280×720: a 45×80 = 3600-token grid, not a multiple of 32
+  cfg       latent and patch-16 steps at 1024² with CFG (positive and negative in one batch of 2)
+  sweep+    (not with --quick) 2048² for every arm, and the latent and patch-16 models at 4096²
+
+Prints one table (peak = weights + largest transient, MiB); --out writes the rows and the sweep as JSON.
+Sections that would start after --budget-s seconds are skipped, so the table always comes out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from l2p.config import DiTConfig, get_config, tiny_pixel  # noqa: E402
+from l2p.efficiency import (PeakMemory, build_dit, caption_features, free_memory, is_oom, measure,  # noqa: E402
+                            param_mb, real_arms, ratios, time_call, tiny_arms)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes for one run: the real architectures on a GPU, or tiny stand-ins on the CPU."""
+
+    device: str
+    dtype: torch.dtype
+    arms: tuple
+    pixel: object  # preset name or DiTConfig of the 1K pixel model (train, bf16, odd-grid)
+    res: int  # "1024²"
+    res4k: int  # "4096²"
+    res_mid: int  # "2048²"
+    odd: tuple  # (height, width) whose token grid is not a multiple of 32
+    small: int  # bf16 vs fp32 input side
+    cap_len: int
+    n_keep: int  # paper policy: first and last n main layers train
+
+
+def real_scale() -> Scale:
+    return Scale("cuda", torch.bfloat16, tuple(real_arms()), "l2p_1k", 1024, 4096, 2048, (720, 1280), 256, 128, 5)
+
+
+def tiny_scale() -> Scale:
+    # 4 layers so that paper n=1 freezes the middle two, as n=5 freezes 20 of 30.
+    return Scale("cpu", torch.float32, tuple(tiny_arms()), tiny_pixel().replace(n_layers=4), 64, 256, 128,
+                 (96, 160), 32, 8, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          Sections
+# ----------------------------------------------------------------------------------------------
+
+def _mib(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def sweep_rows(df, section):
+    """Table rows from an l2p.efficiency sweep."""
+    rows = []
+    for _, r in df.iterrows():
+        note = f"{int(r.tokens)} tokens" if r.tokens == r.tokens and r.tokens is not None else ""
+        if r.decode_ms == r.decode_ms and r.decode_ms is not None:
+            note += (f"; decode {r.decode_ms:,.0f} ms once per sample, {r.per_step_ms:,.0f} ms/step over "
+                     f"{r.num_steps} steps ({100 * r.decode_share:.0f}% of a sample)")
+        rows.append(dict(section=section, what=f"{r.arm} {r.resolution}" + (" CFG" if r.cfg else ""),
+                         status=r.status, ms=_mib(r.step_ms), peak_mib=_mib(r.peak_mb), note=note))
+    return rows
+
+
+def section_sweep(sc, args, state):
+    df = measure(list(sc.arms), [sc.res, sc.res4k], device=sc.device, dtype=sc.dtype, warmup=1,
+                 repeats=1 if args.quick else 2, cap_len=sc.cap_len, max_tokens=(sc.res // 16) ** 2,
+                 deadline=state["deadline"], progress=True)
+    state["sweep"].append(df)
+    return sweep_rows(df, "sweep")
+
+
+def section_sweep_more(sc, args, state):
+    lat, p16, _ = sc.arms
+    df = measure(list(sc.arms), [sc.res_mid], device=sc.device, dtype=sc.dtype, repeats=2, cap_len=sc.cap_len,
+                 deadline=state["deadline"])
+    big = measure([lat, p16], [sc.res4k], device=sc.device, dtype=sc.dtype, repeats=1, cap_len=sc.cap_len,
+                  deadline=state["deadline"])
+    state["sweep"] += [df, big]
+    return sweep_rows(df, "sweep+") + sweep_rows(big, "sweep+")
+
+
+def section_cfg(sc, args, state):
+    lat, p16, _ = sc.arms
+    df = measure([lat, p16], [sc.res], device=sc.device, dtype=sc.dtype, guidance=True,
+                 repeats=1 if args.quick else 2, cap_len=sc.cap_len, deadline=state["deadline"])
+    state["sweep"].append(df)
+    return sweep_rows(df, "cfg")
+
+
+def section_train(sc, args, state):
+    from l2p.flow import add_noise, flow_matching_loss
+    from l2p.schedule import dit_time, sample_training_sigma
+    from l2p.train import TrainConfig, prepare_trainable
+
+    dev = sc.device
+    model = build_dit(sc.pixel, dev, sc.dtype, seed=0)
+    model.gradient_checkpointing = True
+    model.train()
+    summary = prepare_trainable(model, TrainConfig(policy="paper", n_keep=sc.n_keep))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=5e-5, weight_decay=0.01)  # the release's settings
+    g = torch.Generator(dev).manual_seed(0)
+    x0 = torch.rand(1, 3, sc.res, sc.res, generator=g, device=dev) * 2 - 1
+    caps = caption_features(1, sc.cap_len, get_config(sc.pixel).cap_feat_dim, dev, sc.dtype)
+    losses = []
+
+    def step():
+        sigma = sample_training_sigma(1, torch.Generator().manual_seed(len(losses))).to(dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        raw = model(add_noise(x0, noise, sigma).to(sc.dtype), dit_time(sigma), caps)
+        loss = flow_matching_loss(raw, x0, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    weights = param_mb(model)
+    with PeakMemory(dev) as mem:  # from the first step: gradients and AdamW state are part of the cost
+        times = time_call(step, dev, warmup=1, repeats=1 if args.quick else 2)
+    ok = all(math.isfinite(v) for v in losses)
+    note = (f"{summary.trainable_params:,} trainable / {summary.frozen_params:,} frozen; "
+            f"loss {', '.join(f'{v:.3f}' for v in losses)}; first step (allocates AdamW state) excluded from ms")
+    del model, opt, trainable
+    return [dict(section="train", what=f"paper policy, grad ckpt, AdamW {sc.res}²", status="ok" if ok else "non-finite loss",
+                 ms=min(times), peak_mib=weights + mem.peak_mb, note=note)]
+
+
+def section_bf16(sc, args, state):
+    dev = sc.device
+    model = build_dit(sc.pixel, dev, torch.float32, seed=0)
+    cfg = model.cfg
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(1, 3, sc.small, sc.small, generator=g, device=dev)
+    caps = caption_features(1, 32, cfg.cap_feat_dim, dev, torch.float32)
+    t = torch.tensor([0.5], device=dev)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+    try:
+        with torch.inference_mode():
+            ref = model(x, t, caps).float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    model.to(torch.bfloat16)  # the same weights, rounded
+    with torch.inference_mode():
+        out = model(x.to(torch.bfloat16), t, [c.to(torch.bfloat16) for c in caps]).float()
+    diff = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    finite = math.isfinite(diff) and bool(torch.isfinite(out).all())
+    status = "ok" if finite and cos > 0.99 else ("non-finite" if not finite else "low agreement")
+    del model
+    return [dict(section="bf16", what=f"bf16 vs fp32 forward {sc.small}²", status=status, ms=None, peak_mib=None,
+                 note=f"max |Δ| {diff:.4g} (max |fp32| {scale:.4g}, relative {diff / max(scale, 1e-12):.3g}); "
+                      f"cosine {cos:.6f}")]
+
+
+def section_odd(sc, args, state):
+    dev = sc.device
+    model = build_dit(sc.pixel, dev, sc.dtype, seed=0)
+    h, w = sc.odd
+    tokens = (h // 16) * (w // 16)
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(1, 3, h, w, generator=g, device=dev).to(sc.dtype)
+    caps = caption_features(1, sc.cap_len, model.cfg.cap_feat_dim, dev, sc.dtype)
+    out = {}
+
+    @torch.inference_mode()
+    def fwd():
+        out["y"] = model(x, torch.tensor([0.5], device=dev), caps)
+
+    weights = param_mb(model)
+    time_call(fwd, dev, 1, 0)
+    with PeakMemory(dev) as mem:
+        times = time_call(fwd, dev, 0, 1)
+    y = out.pop("y")
+    ok = tuple(y.shape) == tuple(x.shape) and bool(torch.isfinite(y).all())
+    del model
+    return [dict(section="odd-grid", what=f"forward {w}×{h}", status="ok" if ok else f"bad output {tuple(y.shape)}",
+                 ms=times[0], peak_mib=weights + mem.peak_mb,
+                 note=f"{h // 16}×{w // 16} = {tokens} tokens ({tokens} mod 32 = {tokens % 32})")]
+
+
+def section_env(sc, args, state):
+    if torch.device(sc.device).type == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        what = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
+    else:
+        what = f"CPU, {torch.get_num_threads()} threads"
+    note = f"torch {torch.__version__}, {str(sc.dtype).replace('torch.', '')}"
+    if torch.device(sc.device).type == "cuda":
+        note += f", CUDA {torch.version.cuda}, flash SDPA {torch.backends.cuda.flash_sdp_enabled()}"
+    return [dict(section="env", what=what, status="ok", ms=None, peak_mib=None, note=note)]
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          Driver
+# ----------------------------------------------------------------------------------------------
+
+def run_section(name, fn, sc, args, state):
+    """Run one section; an error or OOM becomes a row and memory is released for the next one."""
+    if time.monotonic() > state["deadline"]:
+        return [dict(section=name, what="", status="skipped: time budget", ms=None, peak_mib=None, note="")]
+    t0 = time.monotonic()
+    try:
+        rows = fn(sc, args, state)
+    except Exception as e:  # noqa: BLE001: keep the table
+        if not is_oom(e):
+            traceback.print_exc()
+        rows = [dict(section=name, what="", status="OOM" if is_oom(e) else f"error: {type(e).__name__}: {e}"[:200],
+                     ms=None, peak_mib=None, note="")]
+    free_memory(sc.device)
+    for r in rows:
+        print(format_row(r), flush=True)
+    print(f"  [{name}: {time.monotonic() - t0:.0f} s]", flush=True)
+    return rows
+
+
+HEADER = f"{'section':9} {'what':34} {'status':10} {'ms':>10} {'peak MiB':>10}  note"
+
+
+def format_row(r):
+    ms = "" if r["ms"] is None else f"{r['ms']:,.1f}"
+    peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
+    return f"{r['section']:9} {r['what'][:34]:34} {r['status'][:10]:10} {ms:>10} {peak:>10}  {r['note']}" + (
+        f"  [{r['status']}]" if len(r["status"]) > 10 else "")
+
+
+def headline(state):
+    """The paper's comparison in two lines, from whatever the sweeps measured."""
+    import pandas as pd
+    if not state["sweep"]:
+        return []
+    df = pd.concat(state["sweep"], ignore_index=True)
+    df = df[~df.cfg]
+    rt = ratios(df.drop_duplicates(["arm", "resolution"], keep="last"))
+    return [f"{r.arm} / latent at {r.resolution}: step {r.step_vs_latent_step:.2f}×, step vs latent step + amortised "
+            f"decode {r.step_vs_latent_per_step:.2f}×, peak memory {r.peak_vs_latent_peak:.2f}×"
+            for r in rt.itertuples() if r.step_vs_latent_step == r.step_vs_latent_step]
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one timed repeat, no 2048² / large-grid 4096² sweep")
+    ap.add_argument("--tiny", action="store_true", help="tiny presets on the CPU (every code path, seconds)")
+    ap.add_argument("--out", type=Path, help="write the table and the sweep as JSON here")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no section after this many seconds")
+    args = ap.parse_args(argv)
+
+    sc = tiny_scale() if args.tiny else real_scale()
+    if sc.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on a GPU, or use --tiny for the CPU check")
+    if sc.device == "cpu":
+        torch.set_num_threads(1)  # tiny models: one thread is faster on a shared machine
+    t_start = time.monotonic()
+    state = {"deadline": t_start + args.budget_s, "sweep": []}
+    sections = [("env", section_env), ("sweep", section_sweep), ("train", section_train), ("bf16", section_bf16),
+                ("odd-grid", section_odd), ("cfg", section_cfg)]
+    if not args.quick:
+        sections.append(("sweep+", section_sweep_more))
+    print(HEADER, flush=True)
+    rows = []
+    for name, fn in sections:
+        rows += run_section(name, fn, sc, args, state)
+    elapsed = time.monotonic() - t_start
+
+    print(f"\n{'=' * 30} gpu_check ({'tiny, CPU' if args.tiny else 'real'}{', quick' if args.quick else ''}): "
+          f"{elapsed:.0f} s {'=' * 30}")
+    print(HEADER)
+    for r in rows:
+        print(format_row(r))
+    lines = headline(state)
+    for line in lines:
+        print(line)
+    if args.out:
+        import pandas as pd
+        sweep = pd.concat(state["sweep"], ignore_index=True) if state["sweep"] else pd.DataFrame()
+        payload = {"mode": "tiny" if args.tiny else "real", "quick": args.quick, "elapsed_s": elapsed,
+                   "rows": [{k: _clean(v) for k, v in r.items()} for r in rows], "headline": lines,
+                   "sweep": [{k: _clean(v) for k, v in rec.items()} for rec in sweep.to_dict("records")]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1, default=str))
+        print(f"wrote {args.out}")
+    failed = [r for r in rows if not (r["status"] == "ok" or r["status"].startswith("skipped"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The paper's claims as toy experiments: each a set of fine-tuning variants, each variant over ≥3 seeds.
+
+Runs are cached by config (`recipe.finetune`), so variants shared between experiments — the baseline
+appears in most of them — are trained once, and a re-run only computes what changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .recipe import FinetuneConfig, finetune
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A question, the paper's answer, and the variants (overrides of the base config) that test it."""
+
+    name: str
+    question: str
+    claim: str
+    variants: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)  # overrides applied to every variant
+
+
+ABLATION_BASE = {
+    "full": FinetuneConfig(steps=400, eval_every=100, eval_prompts=64),
+    "smoke": FinetuneConfig(corpus_size=16, steps=2, batch_size=4, eval_every=1, eval_prompts=8),
+}
+SEEDS = {"full": (0, 1, 2), "smoke": (0, 1, 2)}
+
+EXPERIMENTS = [
+    Experiment("transfer", "Does the latent model's knowledge transfer, or is the pixel model learning from scratch?",
+               "Transfer from the latent model reaches the source's quality with far less compute than training the "
+               "same pixel architecture from scratch (the paper's efficiency argument).",
+               {"converted init": {}, "from scratch": {"init": "scratch"}},
+               {"steps": 800, "eval_every": 100}),
+    Experiment("freeze_policy", "Which parts must train?",
+               "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
+               "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
+               {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
+                "head-only": {"policy": "head-only"}}),
+    Experiment("data_source", "Does it matter whose images the pixel model learns from?",
+               "Training on the source model's own generations transfers best; real images or another model's "
+               "generations are worse at equal budget (Fig. 9a).",
+               {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"},
+                "cross-model": {"corpus": "cross"}}),
+    Experiment("data_quantity", "How many images are needed?",
+               "A small synthetic corpus suffices; quality saturates quickly with corpus size (Fig. 9c).",
+               {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}),
+    Experiment("embedder_init", "Does a VAE-informed init of the new patch embedder help?",
+               "Not in the paper (the release initialises the embedder randomly); our vae_fit init composes the "
+               "latent embedder with a linear fit of the VAE encoder.",
+               {"release (random)": {}, "vae_fit": {"init": "vae_fit"}}),
+    Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
+               "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
+               "pixel correlation and force global structure (Fig. 12).",
+               {f"shift {s:g}": {"shift": s} for s in (1.0, 3.0, 6.0, 12.0)},
+               {"image_size": 128, "patch": 32, "corpus": "ground_truth"}),
+]
+
+
+def get_experiment(name: str) -> Experiment:
+    for e in EXPERIMENTS:
+        if e.name == name:
+            return e
+    raise KeyError(f"unknown experiment {name!r}; known: {[e.name for e in EXPERIMENTS]}")
+
+
+def variant_config(exp: Experiment, overrides: dict, mode: str, seed: int) -> FinetuneConfig:
+    base = ABLATION_BASE[mode]
+    if mode == "smoke":  # keep smoke runs tiny whatever the experiment asks for
+        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in ("steps", "eval_every", "corpus_size")}
+    else:
+        extra = {**exp.base, **overrides}
+    return base.replace(**extra, seed=seed)
+
+
+def run_experiment(world, exp: Experiment | str, mode: Optional[str] = None, seeds=None, progress: bool = False
+                   ) -> pd.DataFrame:
+    """Every (variant, seed) run's evaluation curve, one row per evaluation."""
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    mode = mode or world.mode
+    rows = []
+    for label, overrides in exp.variants.items():
+        for seed in seeds or SEEDS[mode]:
+            run = finetune(world, variant_config(exp, overrides, mode, seed), progress=progress)
+            ev = run.evals.assign(variant=label, seed=seed)
+            ev["final_loss"] = float(run.history["loss"].tail(25).mean())
+            rows.append(ev)
+    return pd.concat(rows, ignore_index=True)
+
+
+def final_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds of the last evaluation of each variant."""
+    last = curves[curves.step == curves.groupby(["variant", "seed"]).step.transform("max")]
+    order = list(dict.fromkeys(curves.variant))
+    agg = last.groupby("variant")[["geneval", "fid", "spectral", "final_loss"]].agg(["mean", "std"]).reindex(order)
+    agg.columns = [f"{a} {b}" for a, b in agg.columns]
+    agg["seeds"] = last.groupby("variant").seed.nunique().reindex(order)
+    return agg
+
+
+def steps_to_reach(curves: pd.DataFrame, threshold: float, metric: str = "geneval") -> pd.DataFrame:
+    """First evaluated step at which each (variant, seed) run reaches `threshold` (NaN: not within the run)."""
+    out = []
+    for (v, s), g in curves.groupby(["variant", "seed"], sort=False):
+        hit = g[g[metric] >= threshold].step
+        out.append({"variant": v, "seed": s, "steps": float(hit.min()) if len(hit) else np.nan,
+                    "max_step": int(g.step.max())})
+    return pd.DataFrame(out)
+
+
+def plot_curves(curves: pd.DataFrame, title: str = "", reference: Optional[dict] = None) -> Figure:
+    """toy-GenEval and toy-FID against steps: mean over seeds with a min–max band."""
+    fig = Figure(figsize=(10, 3.3), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("geneval", "fid")):
+        for v, g in curves.groupby("variant", sort=False):
+            stats = g.groupby("step")[metric].agg(["mean", "min", "max"])
+            ax.plot(stats.index, stats["mean"], "o-", ms=3, label=v)
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+        if reference and metric in reference:
+            ax.axhline(reference[metric], color="gray", ls="--", label="source LDM")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"toy-{'GenEval' if metric == 'geneval' else 'FID'} {title}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_final(table: pd.DataFrame, metric: str = "geneval", title: str = "") -> Figure:
+    """Bar chart of the final metric, mean ± std over seeds."""
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(table)), table[f"{metric} mean"], yerr=table[f"{metric} std"].fillna(0), capsize=4)
+    ax.set_xticks(range(len(table)), table.index, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"toy-{'GenEval' if metric == 'geneval' else metric}")
+    ax.set_title(title)
+    return fig
+
+
+def _ms(table: pd.DataFrame, v: str, metric: str = "geneval") -> str:
+    return f"{table.loc[v, f'{metric} mean']:.3f} ± {table.loc[v, f'{metric} std']:.3f}"
+
+
+def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) -> tuple[str, str]:
+    """(what was found, agreement) in words, computed from the runs — never hand-written."""
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    t = final_table(curves)
+    default = t.index[0]
+    best = t["geneval mean"].idxmax()
+    margin = lambda a, b: t.loc[a, "geneval mean"] - t.loc[b, "geneval mean"]
+    noise = lambda a, b: (t.loc[a, "geneval std"] ** 2 + t.loc[b, "geneval std"] ** 2) ** 0.5
+    if exp.name == "transfer":
+        goal = 0.9 * source_geneval
+        st = steps_to_reach(curves, goal)
+        conv = st[st.variant == t.index[0]]
+        scratch = st[st.variant == t.index[1]]
+        n_conv, n_scr = conv.steps.mean(), scratch.steps.mean()
+        horizon = int(curves.step.max())
+        if goal <= 0:
+            return "The source model scores 0, so '90% of the source' is no target.", "inconclusive"
+        if np.isnan(n_conv) or n_conv == 0:
+            return (f"Neither run reached 90% of the source's toy-GenEval ({goal:.3f}) within {horizon} steps "
+                    f"(final: converted {_ms(t, t.index[0])}, scratch {_ms(t, t.index[1])}).", "inconclusive")
+        if scratch.steps.isna().any():
+            ratio = horizon / n_conv
+            found = (f"The converted model reached 90% of the source ({goal:.3f}) after {n_conv:.0f} steps on "
+                     f"average; from scratch did not reach it within {horizon} steps in "
+                     f"{int(scratch.steps.isna().sum())}/{len(scratch)} seeds (final {_ms(t, t.index[1])}): "
+                     f"step ratio > {ratio:.1f}×.")
+        else:
+            ratio = n_scr / n_conv
+            found = f"Steps to 90% of the source: converted {n_conv:.0f}, scratch {n_scr:.0f}: ratio {ratio:.1f}×."
+        return found, ("agrees (≥ 10×)" if ratio >= 10 else f"agrees in direction, below the 10× goal ({ratio:.1f}×)"
+                       if ratio > 1 else "disagrees")
+    found = "Final toy-GenEval (mean ± std over seeds): " + "; ".join(f"{v} {_ms(t, v)}" for v in t.index) + "."
+    if exp.name in ("freeze_policy", "data_source"):
+        others = [v for v in t.index if v != default]
+        wins = [v for v in others if margin(default, v) > noise(default, v)]
+        ties = [v for v in others if abs(margin(default, v)) <= noise(default, v)]
+        if len(wins) == len(others):
+            return found, f"agrees: {default} beats every alternative by more than the seed spread"
+        if best == default:
+            return found, f"agrees in direction: {default} is best, but within the seed spread of {', '.join(ties)}"
+        return found, f"disagrees: {best} beats {default}"
+    if exp.name == "data_quantity":
+        g = t["geneval mean"].values
+        if len(g) >= 3:
+            first, last = g[1] - g[0], g[-1] - g[1]
+            sat = last < first
+            return found, ("agrees: gains shrink as the corpus grows" if sat else
+                           "disagrees: the larger corpus still helps as much or more")
+        return found, "inconclusive"
+    if exp.name == "noise_shift_highres":
+        best_shift = float(best.split()[-1])
+        return found, ("agrees: a shift above the 1K default of 3 is best" if best_shift > 3 else
+                       f"disagrees: the best shift here is {best_shift:g}")
+    return found, f"no claim in the paper; best here: {best}"
