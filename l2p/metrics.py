@@ -58,11 +58,13 @@ def radial_power_spectrum(images: ImageLike, window: bool = True) -> tuple[torch
     n, c, h, w = x.shape
     if h != w:
         raise ValueError("radial_power_spectrum expects square images")
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    win = torch.ones(h, w, dtype=torch.float64)
     if window:
         win = torch.hann_window(h, periodic=False, dtype=torch.float64)
-        win2 = win[:, None] * win[None, :]
-        x = x * (win2 / win2.pow(2).mean().sqrt())
+        win = win[:, None] * win[None, :]
+        win = win / win.pow(2).mean().sqrt()
+    # Remove the window-weighted mean, so the windowed image has no DC term.
+    x = (x - (x * win).sum(dim=(-2, -1), keepdim=True) / win.sum()) * win
     p = torch.fft.fftshift(torch.fft.fft2(x).abs().pow(2) / (h * w), dim=(-2, -1)).mean(dim=(0, 1))
     fy, fx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
     r = torch.sqrt((fx ** 2 + fy ** 2).double()).round().long().flatten()

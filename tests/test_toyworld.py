@@ -118,8 +118,8 @@ def test_textured_backgrounds_carry_high_frequencies():
     for bg in sc.BACKGROUNDS:
         imgs, _, _ = sc.generate(16, seed=0, cfg=sc.ToyWorldConfig(backgrounds=(bg,)))
         hf[bg] = high_frequency_energy(sc.to_tensor(imgs), cutoff=0.25)
-    for textured in ("stripes", "checks", "grain"):
-        assert hf[textured] > 5 * max(hf["plain"], hf["gradient"]), hf
+    for textured in ("stripes", "checks", "grain"):  # the objects' edges are the rest
+        assert hf[textured] > 8 * max(hf["plain"], hf["gradient"]), hf
 
 
 def test_prompt_set_categories():

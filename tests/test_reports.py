@@ -1,0 +1,61 @@
+"""The main job in smoke mode: every numbered notebook runs headless and the index records it."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_sources_have_no_outputs_and_a_parameters_cell(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), "commit notebooks without outputs"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and "smoke" in "".join(tagged[0]["source"])
+
+
+@pytest.mark.slow
+def test_reports_smoke_run(tmp_path, monkeypatch):
+    pytest.importorskip("papermill")
+    from l2p import reports
+
+    monkeypatch.setenv("L2P_CACHE", os.environ.get("L2P_TEST_CACHE", str(tmp_path / "cache")))
+    rows = reports.run("smoke", out=tmp_path / "reports")
+    assert [r["stem"] for r in rows] == [nb.stem for nb in NOTEBOOKS]
+    assert all(r["status"] == "ok" for r in rows)
+    index = (tmp_path / "reports" / "README.md").read_text()
+    for nb in NOTEBOOKS:
+        assert f"| {nb.stem} | ok |" in index
+        assert (tmp_path / "reports" / f"{nb.stem}.html").exists()
+        assert (tmp_path / "reports" / f"{nb.stem}.md").exists()
+    by_name = {r["stem"]: r["summary"] for r in rows}
+    assert "copied tensors bit-identical" in by_name["01_weight_conversion"]
+    ok, total = by_name["01_weight_conversion"]["copied tensors bit-identical"]["value"].split("/")
+    assert ok == total
+
+
+def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
+    """A failing notebook gives a non-zero exit naming it, and the index marks it FAILED."""
+    pytest.importorskip("papermill")
+    import nbformat
+    from l2p import reports
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    for i, src in enumerate(["x = 1", "raise RuntimeError('boom')", "y = 2"]):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell("mode = 'full'\nsmoke = False")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(src)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"0{i}_case.ipynb")
+    monkeypatch.setattr(reports, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="01_case.ipynb failed"):
+        reports.run("smoke", out=tmp_path / "out")
+    index = (tmp_path / "out" / "README.md").read_text()
+    assert "| 00_case | ok |" in index and "| 01_case | FAILED |" in index and "02_case" not in index.split("## ")[0]
+    assert "boom" in index
