@@ -1,4 +1,4 @@
-"""Step time and peak memory of the `paper` freeze policy vs `full` fine-tuning (goal: ≤ 0.8× time, ≤ 0.7× memory).
+"""Step time and peak memory of the `paper` freeze policy vs `full` training (goal: ≤ 0.8× time, ≤ 0.7× memory).
 
 Each (model, policy) run is `l2p.train.train` in a fresh subprocess on random in-memory images and fixed
 random caption features, so memory peaks do not mix. Runs alternate paper, full, paper, full, … so that load
@@ -125,8 +125,8 @@ def main():
         for policy, rs in runs.items():
             secs = [s for r in rs for s in r["sec"][args.warmup:]]
             r = res[policy] = {**rs[0], "flops": flops[policy]["flops"], "med": statistics.median(secs),
-                               "min": min(secs), "train_mb": statistics.median(r["peak_mb"] - r["before_mb"] for r in rs),
-                               "peak_mb": statistics.median(r["peak_mb"] for r in rs)}
+                               "min": min(secs), "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+                               "train_mb": statistics.median(r["peak_mb"] - r["before_mb"] for r in rs)}
             frozen = f"{max(r['n_layers'] - 2 * n, 0) if policy == 'paper' else 0}/{r['blocks']}"
             label = policy + (f" n={n}" if policy == "paper" else "")
             print(f"{name:5} {label:9} {frozen:>13} "

@@ -62,8 +62,9 @@ def real_scale() -> Scale:
 
 def tiny_scale() -> Scale:
     # 4 layers so that paper n=1 freezes the middle two, as n=5 freezes 20 of 30.
-    return Scale("cpu", torch.float32, tuple(tiny_arms()), tiny_pixel().replace(n_layers=4), 64, 256, 128,
-                 (96, 160), 32, 8, 1)
+    # Sides keep the real ratios where they can: "1024²" is 2×2 tokens, "4096²" at patch 64 is 1 token.
+    return Scale("cpu", torch.float32, tuple(tiny_arms()), tiny_pixel().replace(n_layers=4), 32, 64, 48,
+                 (48, 80), 32, 8, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +79,9 @@ def sweep_rows(df, section):
     """Table rows from an l2p.efficiency sweep."""
     rows = []
     for _, r in df.iterrows():
-        note = f"{int(r.tokens)} tokens" if r.tokens == r.tokens and r.tokens is not None else ""
-        if r.decode_ms == r.decode_ms and r.decode_ms is not None:
+        measured = r.step_ms == r.step_ms and r.step_ms is not None  # not NaN / None
+        note = f"{int(r.tokens)} tokens" if measured else ""
+        if measured and r.decode_ms == r.decode_ms and r.decode_ms is not None:
             note += (f"; decode {r.decode_ms:,.0f} ms once per sample, {r.per_step_ms:,.0f} ms/step over "
                      f"{r.num_steps} steps ({100 * r.decode_share:.0f}% of a sample)")
         rows.append(dict(section=section, what=f"{r.arm} {r.resolution}" + (" CFG" if r.cfg else ""),
@@ -87,30 +89,34 @@ def sweep_rows(df, section):
     return rows
 
 
-def section_sweep(sc, args, state):
-    df = measure(list(sc.arms), [sc.res, sc.res4k], device=sc.device, dtype=sc.dtype, warmup=1,
-                 repeats=1 if args.quick else 2, cap_len=sc.cap_len, max_tokens=(sc.res // 16) ** 2,
-                 deadline=state["deadline"], progress=True)
+def _repeats(args):
+    return 1 if args.quick or args.tiny else 2
+
+
+def _measure(sc, state, arms, resolutions, **kw):
+    """l2p.efficiency.measure in-process (on the GPU it always is), models built once per arm."""
+    df = measure(list(arms), resolutions, device=sc.device, dtype=sc.dtype, cap_len=sc.cap_len, isolate=False,
+                 deadline=state["deadline"], **kw)
     state["sweep"].append(df)
+    return df
+
+
+def section_sweep(sc, args, state):
+    # Up to 4096 tokens: latent and patch 16 at 1024², patch 64 at 1024² and 4096².
+    df = _measure(sc, state, sc.arms, [sc.res, sc.res4k], repeats=_repeats(args), max_tokens=(sc.res // 16) ** 2)
     return sweep_rows(df, "sweep")
 
 
 def section_sweep_more(sc, args, state):
     lat, p16, _ = sc.arms
-    df = measure(list(sc.arms), [sc.res_mid], device=sc.device, dtype=sc.dtype, repeats=2, cap_len=sc.cap_len,
-                 deadline=state["deadline"])
-    big = measure([lat, p16], [sc.res4k], device=sc.device, dtype=sc.dtype, repeats=1, cap_len=sc.cap_len,
-                  deadline=state["deadline"])
-    state["sweep"] += [df, big]
-    return sweep_rows(df, "sweep+") + sweep_rows(big, "sweep+")
+    mid = _measure(sc, state, sc.arms, [sc.res_mid], repeats=_repeats(args))
+    big = _measure(sc, state, [lat, p16], [sc.res4k], repeats=1)  # 65536 tokens: seconds per step
+    return sweep_rows(mid, "sweep+") + sweep_rows(big, "sweep+")
 
 
 def section_cfg(sc, args, state):
     lat, p16, _ = sc.arms
-    df = measure([lat, p16], [sc.res], device=sc.device, dtype=sc.dtype, guidance=True,
-                 repeats=1 if args.quick else 2, cap_len=sc.cap_len, deadline=state["deadline"])
-    state["sweep"].append(df)
-    return sweep_rows(df, "cfg")
+    return sweep_rows(_measure(sc, state, [lat, p16], [sc.res], guidance=True, repeats=_repeats(args)), "cfg")
 
 
 def section_train(sc, args, state):
@@ -142,7 +148,7 @@ def section_train(sc, args, state):
 
     weights = param_mb(model)
     with PeakMemory(dev) as mem:  # from the first step: gradients and AdamW state are part of the cost
-        times = time_call(step, dev, warmup=1, repeats=1 if args.quick else 2)
+        times = time_call(step, dev, warmup=1, repeats=_repeats(args))
     ok = all(math.isfinite(v) for v in losses)
     note = (f"{summary.trainable_params:,} trainable / {summary.frozen_params:,} frozen; "
             f"loss {', '.join(f'{v:.3f}' for v in losses)}; first step (allocates AdamW state) excluded from ms")
@@ -241,14 +247,17 @@ def run_section(name, fn, sc, args, state):
     return rows
 
 
-HEADER = f"{'section':9} {'what':34} {'status':10} {'ms':>10} {'peak MiB':>10}  note"
+HEADER = f"{'section':9} {'what':34} {'status':8} {'ms':>10} {'peak MiB':>10}  note"
 
 
 def format_row(r):
+    """One table line; a status longer than its column (why skipped, which error) moves into the note."""
     ms = "" if r["ms"] is None else f"{r['ms']:,.1f}"
     peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
-    return f"{r['section']:9} {r['what'][:34]:34} {r['status'][:10]:10} {ms:>10} {peak:>10}  {r['note']}" + (
-        f"  [{r['status']}]" if len(r["status"]) > 10 else "")
+    status, note = r["status"], r["note"]
+    if len(status) > 8:
+        status, note = status.split(":")[0][:8], f"{status}; {note}" if note else status
+    return f"{r['section']:9} {r['what'][:34]:34} {status:8} {ms:>10} {peak:>10}  {note}"
 
 
 def headline(state):

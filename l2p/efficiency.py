@@ -72,6 +72,7 @@ class Arm:
     model: Union[str, DiTConfig]
     patch: int
     vae: Optional[dict] = None  # AutoencoderKL kwargs; only the decoder is built (text-to-image needs no encoder)
+    label: str = ""  # how the table names a model given as a DiTConfig
 
     @property
     def config(self) -> DiTConfig:
@@ -79,7 +80,7 @@ class Arm:
 
     @property
     def model_name(self) -> str:
-        return self.model if isinstance(self.model, str) else "custom"
+        return self.model if isinstance(self.model, str) else (self.label or "custom")
 
     @property
     def stride(self) -> int:
@@ -104,7 +105,8 @@ def toy_arms(large_patch: int = 64) -> list[Arm]:
     from .toyworld.vae import toy_vae_config
     return [Arm("latent + VAE", "toy_latent", 2, vae=toy_vae_config()),
             Arm("pixel p16", "toy_pixel", 16),
-            Arm(f"pixel p{large_patch}", with_patch(toy_pixel(), large_patch), large_patch)]
+            Arm(f"pixel p{large_patch}", with_patch(toy_pixel(), large_patch), large_patch,
+                label=f"toy_pixel + {large_patch}-1")]
 
 
 def real_arms() -> list[Arm]:
@@ -119,7 +121,29 @@ def tiny_arms(large_patch: int = 64) -> list[Arm]:
     from .toyworld.vae import toy_vae_config
     return [Arm("latent + VAE", "tiny_latent", 2, vae=toy_vae_config((8, 8, 8, 8))),
             Arm("pixel p16", "tiny_pixel", 16),
-            Arm(f"pixel p{large_patch}", with_patch(tiny_pixel(), large_patch), large_patch)]
+            Arm(f"pixel p{large_patch}", with_patch(tiny_pixel(), large_patch), large_patch,
+                label=f"tiny_pixel + {large_patch}-1")]
+
+
+def describe_arms(arms: Sequence[Arm], resolutions: Sequence = ()) -> pd.DataFrame:
+    """What each arm is: its DiT, patch, parameter counts (counted on the meta device) and tokens per resolution."""
+    rows = []
+    for arm in arms:
+        with torch.device("meta"):
+            dit = ZImageDiT(arm.config)
+            dec = None
+            if arm.vae is not None:
+                from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+                dec = sum(p.numel() for p in AutoencoderKL(**arm.vae).decoder.parameters())
+        row = dict(arm=arm.name, model=arm.model_name, patch=arm.patch, stride=arm.stride, dit_params=dit.num_params(),
+                   vae_decoder_params=dec)
+        for res in resolutions:
+            h, w = _size(res)
+            grid = arm.grid(h, w)
+            row[f"tokens {h}²" if h == w else f"tokens {h}×{w}"] = grid[0] * grid[1] if grid else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.astype({c: "Int64" for c in df.columns if c == "vae_decoder_params" or c.startswith("tokens")})
 
 
 ARM_SETS = {"toy": toy_arms, "real": real_arms, "tiny": tiny_arms}
@@ -294,7 +318,7 @@ class BenchOptions:
     neg_cap_len: int = 16  # the empty negative prompt is a few template tokens
     warmup: int = 1
     repeats: int = 3
-    threads: Optional[int] = None  # torch threads (CPU); None leaves torch's setting
+    threads: Optional[int] = None  # torch threads (CPU); None: the caller's setting
     seed: int = 0
 
     @property
@@ -552,63 +576,68 @@ def measure(arms: Sequence[Arm], resolutions: Sequence, device: str = "cpu", dty
                         repeats=repeats, threads=threads, seed=seed)
     on_cuda = torch.device(device).type == "cuda"
     isolate = (not on_cuda) if isolate is None else (isolate and not on_cuda)
+    if isolate and not threads:  # workers start with torch's default: give them the caller's setting
+        opts = replace(opts, threads=torch.get_num_threads())
     sizes = sorted({_size(r) for r in resolutions}, key=lambda hw: (hw[0] * hw[1], hw))
-    # Step and decode share a process only if the high-water mark can be reset between them.
-    split = isolate and not reset_cpu_peak()
     old_threads = torch.get_num_threads()
     if threads and not isolate:
         torch.set_num_threads(threads)
     rows = []
     try:
         for arm in arms:
-            todo = []
+            done, todo = {}, []  # this arm's rows by size, listed in size order at the end
             for h, w in sizes:
                 grid = arm.grid(h, w)
                 if grid is None:
-                    rows.append(_row(arm, h, w, opts, {"status": f"skipped: {h}×{w} does not divide by "
-                                                                 f"{arm.stride * arm.patch}"}))
+                    done[h, w] = _row(arm, h, w, opts, {"status": f"skipped: {h}×{w} does not divide by "
+                                                                  f"{arm.stride * arm.patch}"})
                 elif max_tokens is not None and grid[0] * grid[1] > max_tokens:
-                    rows.append(_row(arm, h, w, opts, {"status": f"skipped: {grid[0] * grid[1]} tokens > {max_tokens}"}))
+                    done[h, w] = _row(arm, h, w, opts, {"status": f"skipped: {grid[0] * grid[1]} tokens > {max_tokens}"})
                 else:
                     todo.append((h, w))
-            if not todo:
-                continue
-            dit = vae = None
-            if not isolate:  # build once per arm; failures to build mark every size of the arm
-                try:
-                    dit = build_dit(arm.config, device, opts.torch_dtype, seed)
-                    vae = build_vae(arm.vae, device, opts.torch_dtype, seed) if arm.vae is not None else None
-                except Exception as e:  # noqa: BLE001
-                    msg = f"build {'OOM' if is_oom(e) else f'error: {type(e).__name__}: {e}'}"
-                    rows += [_row(arm, h, w, opts, {"status": msg}) for h, w in todo]
-                    dit = vae = None
-                    free_memory(device)
-                    continue
-            for h, w in todo:
-                if deadline is not None and time.monotonic() > deadline:
-                    rows.append(_row(arm, h, w, opts, {"status": "skipped: time budget"}))
-                    continue
-                if isolate:
-                    if arm.vae is None or split:
-                        res = run_isolated(arm, h, w, opts, ("step",), timeout)
-                        if arm.vae is not None:
-                            res = _merge(res, run_isolated(arm, h, w, opts, ("decode",), timeout))
-                    else:
-                        res = run_isolated(arm, h, w, opts, ("step", "decode"), timeout)
-                else:
-                    res = measure_parts(arm, h, w, opts, dit=dit, vae=vae)
-                    if "mem_method" in res and not on_cuda:
-                        res["mem_method"] += ", shared process"
-                rows.append(_row(arm, h, w, opts, res))
-                if progress:
-                    r = rows[-1]
-                    print(f"{arm.name:>14} {r['resolution']:>10}: step {_f(r.get('step_ms'))} ms, decode "
-                          f"{_f(r.get('decode_ms'))} ms, peak {_f(r.get('peak_mb'))} MiB  [{r['status']}]", flush=True)
-            del dit, vae
-            free_memory(device)
+            if todo:
+                done.update(_measure_arm(arm, todo, opts, isolate, timeout, deadline, progress))
+            rows += [done[hw] for hw in sizes]
     finally:
         torch.set_num_threads(old_threads)
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
+def _measure_arm(arm: Arm, sizes, opts: BenchOptions, isolate: bool, timeout: float, deadline, progress) -> dict:
+    """Rows for one arm at the given sizes: in worker processes, or in-process with the models built once."""
+    dev, out = opts.device, {}
+    dit = vae = None
+    if not isolate:
+        try:
+            dit = build_dit(arm.config, dev, opts.torch_dtype, opts.seed)
+            vae = build_vae(arm.vae, dev, opts.torch_dtype, opts.seed) if arm.vae is not None else None
+        except Exception as e:  # noqa: BLE001: a model that does not fit marks every size of its arm
+            msg = f"build {'OOM' if is_oom(e) else f'error: {type(e).__name__}: {e}'}"
+            dit = vae = None
+            free_memory(dev)
+            return {(h, w): _row(arm, h, w, opts, {"status": msg}) for h, w in sizes}
+    # Step and decode share a worker only if its high-water mark can be reset between them.
+    together = reset_cpu_peak() or arm.vae is None
+    for h, w in sizes:
+        if deadline is not None and time.monotonic() > deadline:
+            out[h, w] = _row(arm, h, w, opts, {"status": "skipped: time budget"})
+            continue
+        if isolate and together:
+            res = run_isolated(arm, h, w, opts, ("step", "decode"), timeout)
+        elif isolate:
+            res = _merge(run_isolated(arm, h, w, opts, ("step",), timeout),
+                         run_isolated(arm, h, w, opts, ("decode",), timeout))
+        else:
+            res = measure_parts(arm, h, w, opts, dit=dit, vae=vae)
+            if "mem_method" in res and torch.device(dev).type != "cuda":
+                res["mem_method"] += ", shared process"
+        r = out[h, w] = _row(arm, h, w, opts, res)
+        if progress:
+            print(f"{arm.name:>14} {r['resolution']:>10}: step {_f(r.get('step_ms'))} ms, decode "
+                  f"{_f(r.get('decode_ms'))} ms, peak {_f(r.get('peak_mb'))} MiB  [{r['status']}]", flush=True)
+    del dit, vae
+    free_memory(dev)
+    return out
 
 
 def _f(v) -> str:
@@ -659,6 +688,7 @@ def plot_efficiency(df: pd.DataFrame, title: Optional[str] = None):
     the sampling steps (solid), which is what a sample costs per step.
     """
     from matplotlib.figure import Figure  # here, so that GPU-only scripts need no matplotlib
+    from matplotlib.ticker import LogFormatter, NullLocator
 
     ok = df[df.step_ms.notna()]
     lat = _latent_name(df)
@@ -681,7 +711,9 @@ def plot_efficiency(df: pd.DataFrame, title: Optional[str] = None):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sides, labels)
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured sides on x
+        ax.yaxis.set_major_formatter(LogFormatter())  # 60 rather than 6×10¹
+        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
         ax.set_xlabel("resolution")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")

@@ -63,6 +63,7 @@ class GenerationPanel:
         self.size, self.preview, self.strip_steps = size, preview, strip_steps
         self.background, self.debounce = background, debounce
         self.results: dict[str, dict] = {}  # name -> {"image": (3, H, W), "seconds": float}
+        self.used: dict = {}  # the parameters the current results were made with
         self.trajectory: dict[str, list[torch.Tensor]] = {}  # name -> x0 (pixels) at the strip's steps
         self.generations = 0
         self.last_error: Optional[BaseException] = None
@@ -89,8 +90,11 @@ class GenerationPanel:
         self.status = W.HTML("press Generate")
         self.images = {k: W.Image(format="png", width=preview, height=preview) for k in RESULTS}
         self.labels = {k: W.HTML(f"<b>{TITLES[k]}</b>") for k in RESULTS}
+        # Stable CSS hooks for the browser test (descriptions and DOM structure may change).
         for k, im in self.images.items():
-            im.add_class(f"l2p-{k}")  # stable hooks for the browser test
+            im.add_class(f"l2p-{k}")
+        for name in ("prompt", "cfg", "steps", "seed", "shift", "sigma_h", "button", "status"):
+            getattr(self, name).add_class(f"l2p-{name.replace('_', '-')}")
         self.strip = W.Image(format="png")
         self.strip_label = W.HTML()
         self.strip_box = W.VBox([self.strip_label, self.strip],
@@ -112,7 +116,10 @@ class GenerationPanel:
         return [self.prompt, self.cfg, self.steps, self.seed, self.shift, self.sigma_h, self.show_trajectory]
 
     def _repr_mimebundle_(self, **kw):
-        return self.widget._repr_mimebundle_(**kw)
+        bundle = self.widget._repr_mimebundle_(**kw)
+        # What exported reports show instead of the widget (its scripts cannot load offline).
+        bundle["text/plain"] = "GenerationPanel: a live widget; `panel.figure()` draws its current state."
+        return bundle
 
     # -- parameters ------------------------------------------------------------------------------
     def params(self) -> dict:
@@ -180,6 +187,13 @@ class GenerationPanel:
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
+    def warmup(self) -> "GenerationPanel":
+        """One 1-step sample per pipeline, so lazy initialisation does not show up in the first wall times."""
+        for pipe in (self.latent_pipe, self.pixel_pipe):
+            pipe.sample(self.prompt.value, seed=0, num_inference_steps=1, height=self.size, width=self.size)
+        return self
+
+    @torch.no_grad()
     def generate(self) -> dict:
         """Sample all three with the current values, update the images and labels; returns the results."""
         p = self.params()
@@ -205,7 +219,7 @@ class GenerationPanel:
                 res = handoff_sample(self.latent_pipe, self.pixel_pipe, p["prompt"], s_h, **kw)
                 results["handoff"] = {"image": res.images[0].cpu(), "seconds": res.seconds,
                                       "latent_steps": res.latent_steps, "pixel_steps": res.pixel_steps}
-            self.results, self.trajectory = results, traj
+            self.results, self.trajectory, self.used = results, traj, p
             self.generations += 1
             self._show(p)
         finally:
@@ -226,7 +240,9 @@ class GenerationPanel:
             self.images[k].value = png_bytes(self.results[k]["image"], self.preview)
             self.labels[k].value = self._label(k, p)
         if self.trajectory:
-            self.strip.value = strip_png([self.trajectory["latent"], self.trajectory["pixel"]], size=64)
+            tile = max(self.preview // 2, 32)
+            self.strip.value = strip_png([self.trajectory["latent"], self.trajectory["pixel"]], size=tile)
+            self.strip.width = str(len(self.trajectory["latent"]) * (tile + 2) - 2)  # natural size, not stretched
             self.strip_label.value = "predicted x̂0 over the steps: latent (top), pixel (bottom)"
         self.status.value = f"generation {self.generations}: “{html.escape(p['prompt'][:60])}”"
 
@@ -239,7 +255,7 @@ class GenerationPanel:
 
         if not self.results:
             raise RuntimeError("nothing generated yet: call generate() first")
-        p = self.params()
+        p = self.used
         strip = len(self.trajectory.get("latent", []))
         fig = Figure(figsize=(size * 3, size * 1.15 + (size * 0.9 if strip else 0)), layout="constrained")
         top, bottom = (fig.subfigures(2, 1, height_ratios=[1.25, 1]) if strip else (fig, None))

@@ -250,11 +250,14 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: st
 _STATE = re.compile(r"state-(\d+)\.pt")
 
 
+def _state_steps(out: Path) -> list[int]:
+    return [int(m.group(1)) for p in out.glob("state-*.pt") if (m := _STATE.fullmatch(p.name))]
+
+
 def latest_checkpoint(out_dir) -> Optional[int]:
     """The newest step whose weights and resume state are both complete (temp files never count)."""
     out = Path(out_dir)
-    steps = [int(m.group(1)) for p in out.glob("state-*.pt") if (m := _STATE.fullmatch(p.name))]
-    steps = [s for s in steps if (out / f"step-{s}.safetensors").is_file()]
+    steps = [s for s in _state_steps(out) if (out / f"step-{s}.safetensors").is_file()]
     return max(steps) if steps else None
 
 
@@ -279,10 +282,6 @@ def _save(out: Path, step: int, model: nn.Module, opt, sched, ema, history: list
     older = sorted(s for s in _state_steps(out) if s < step)
     for old in older[: max(len(older) - cfg.keep_states + 1, 0)]:
         (out / f"state-{old}.pt").unlink()
-
-
-def _state_steps(out: Path) -> list[int]:
-    return [int(m.group(1)) for p in out.glob("state-*.pt") if (m := _STATE.fullmatch(p.name))]
 
 
 def _remove_stale_temps(out: Path) -> None:

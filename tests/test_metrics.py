@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from l2p import metrics
-from l2p.toyworld.evaluator import Evaluator, JudgeConfig, JudgeNet, gaussian_blur
+from l2p.toyworld.evaluator import gaussian_blur, train_evaluator
 from l2p.toyworld.scenes import ToyWorldConfig, generate, to_tensor
 
 
@@ -15,9 +15,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def random_evaluator():
-    """An untrained judge: its features are still a fixed, deterministic embedding."""
-    torch.manual_seed(0)
-    return Evaluator(JudgeNet(JudgeConfig(width=8, cell_dim=8, background_dim=8)).eval())
+    """A barely trained (smoke) judge: not accurate, but a fixed embedding with sensible feature scales."""
+    return train_evaluator("smoke", progress=False)[0]
 
 
 def test_to_float_layouts(images):
@@ -57,15 +56,15 @@ def test_psnr_known_value(images):
 
 def test_toy_fid_and_kid(images, random_evaluator):
     noise = torch.rand_like(images) * 2 - 1
-    assert abs(metrics.toy_fid(images, images, random_evaluator)) < 1e-2
+    fid_self = metrics.toy_fid(images, images, random_evaluator)
     fid_noise = metrics.toy_fid(noise, images, random_evaluator)
-    assert fid_noise > 1.0
+    assert abs(fid_self) < 1e-3 * fid_noise and fid_noise > 0
     # Another sample of the same world sits far closer than noise does.
     other = to_tensor(generate(48, seed=8)[0])
     assert metrics.toy_fid(other, images, random_evaluator) < 0.5 * fid_noise
     kid_self, _ = metrics.toy_kid(images, images, random_evaluator, subsets=10, subset_size=32)
     kid_noise, _ = metrics.toy_kid(noise, images, random_evaluator, subsets=10, subset_size=32)
-    assert abs(kid_self) < 1e-3 and kid_noise > 10 * max(abs(kid_self), 1e-4)
+    assert abs(kid_self) < 0.05 * kid_noise and kid_noise > 0  # unbiased estimate: noisy around 0
 
 
 def test_fid_accepts_uint8_hwc(images, random_evaluator):
