@@ -1,0 +1,20 @@
+"""Test-session setup: an isolated artefact cache, shared by every test of the session.
+
+Smoke-mode toy artefacts are then built once per session (by whichever test needs them first) and
+never touch the user's own cache. Set L2P_TEST_CACHE to reuse a cache across sessions.
+"""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    path = os.environ.get("L2P_TEST_CACHE") or str(tmp_path_factory.mktemp("l2p_cache"))
+    old = os.environ.get("L2P_CACHE")
+    os.environ["L2P_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("L2P_CACHE", None)
+    else:
+        os.environ["L2P_CACHE"] = old
