@@ -294,8 +294,9 @@ def is_oom(e: BaseException) -> bool:
 
 
 def free_memory(device) -> None:
-    gc.collect()
+    """Release what the last configuration left (CUDA only: on the CPU tensors are freed by refcount)."""
     if torch.device(device).type == "cuda":
+        gc.collect()  # an OOM's traceback can hold tensors in reference cycles
         torch.cuda.empty_cache()
 
 
@@ -418,11 +419,14 @@ class ForkServer:
     Jobs and results travel pickled over pipes; the children's stdout goes to stderr.
     """
 
-    def __init__(self, preload: Sequence[str]):
+    def __init__(self, with_vae: bool = True):
         import subprocess
         import sys
-        self.preload = tuple(preload)
-        self.proc = subprocess.Popen([sys.executable, "-m", "l2p.efficiency", "--serve", *self.preload],
+        self.with_vae = with_vae
+        preload = ["l2p.efficiency", "l2p.pipeline"]
+        if with_vae:
+            preload.append("diffusers.models.autoencoders.autoencoder_kl")
+        self.proc = subprocess.Popen([sys.executable, "-m", "l2p.efficiency", "--serve", *preload],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
     def run(self, job: tuple, timeout: float) -> dict:
@@ -457,19 +461,23 @@ class ForkServer:
         self.proc.wait()
 
 
-_SERVERS: dict[tuple, ForkServer] = {}
+_SERVER: Optional[ForkServer] = None
 
 
-def fork_server(arms: Sequence[Arm]) -> ForkServer:
-    """The shared server for these imports (started on first use, stopped at exit)."""
+def fork_server(with_vae: bool = True) -> ForkServer:
+    """The shared server (started on first use, stopped at exit); with_vae: diffusers preloaded too.
+
+    Starting it early, before the caller's own heavy imports, lets the two sets of imports overlap.
+    """
     import atexit
-    preload = ("l2p.efficiency", "l2p.pipeline") + (
-        ("diffusers.models.autoencoders.autoencoder_kl",) if any(a.vae is not None for a in arms) else ())
-    server = _SERVERS.get(preload)
-    if server is None or not server.alive:
-        server = _SERVERS[preload] = ForkServer(preload)
-        atexit.register(server.close)
-    return server
+    global _SERVER
+    if _SERVER is not None and _SERVER.alive and (_SERVER.with_vae or not with_vae):
+        return _SERVER
+    if _SERVER is not None:
+        _SERVER.close()
+    _SERVER = ForkServer(with_vae)
+    atexit.register(_SERVER.close)
+    return _SERVER
 
 
 def _serve(preload: Sequence[str]) -> None:
@@ -513,7 +521,7 @@ def _serve(preload: Sequence[str]) -> None:
 
 def run_isolated(arm: Arm, height: int, width: int, opts: BenchOptions, parts, timeout: float = 600.0) -> dict:
     """measure_parts in a fresh child of the fork server; a crash (e.g. killed for memory) becomes the status."""
-    out = fork_server([arm]).run((arm, height, width, opts, tuple(parts)), timeout)
+    out = fork_server(with_vae=arm.vae is not None).run((arm, height, width, opts, tuple(parts)), timeout)
     if "mem_method" in out:
         out["mem_method"] += ", own process"
     return out
