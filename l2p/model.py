@@ -345,8 +345,6 @@ class ZImageDiT(nn.Module):
         return tok, ids, n, (ht, wt)
 
     def _run(self, blocks, x, freqs, mask, temb=None):
-        if mask is not None and bool(mask.all()):
-            mask = None  # nothing to hide: let SDPA take its fast path
         for blk in blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, freqs, mask, temb, use_reentrant=False)
@@ -379,6 +377,8 @@ class ZImageDiT(nn.Module):
         rope = lambda ids: rope_freqs(ids, cfg.axes_dims, cfg.rope_theta)
 
         cap_tok, cap_ids, cap_valid, cap_lens_pad = self._embed_captions(caps)
+        if len(set(cap_lens_pad)) == 1:
+            cap_valid = None  # no padding between items: let SDPA take its unmasked path
         if stacked:  # one size: everything batched
             xb = torch.stack(xs).to(dtype)
             img_tok, img_ids, n, grid = self._embed_images(xb, p, cap_lens_pad)
@@ -396,14 +396,14 @@ class ZImageDiT(nn.Module):
         # Unified sequence per item: [image tokens ; caption tokens], batch padding at the end.
         if stacked:
             h, ids = torch.cat([img_tok, cap_tok], 1), torch.cat([img_ids, cap_ids], 1)
-            mask = torch.cat([torch.ones_like(img_ids[..., 0], dtype=torch.bool), cap_valid], 1)
+            mask = None if cap_valid is None else torch.cat([torch.ones_like(img_ids[..., 0], dtype=torch.bool),
+                                                             cap_valid], 1)
         else:
             lens = [_ceil_to(n) for n in n_real]
             h, mask = _pad_batch([torch.cat([img_tok[i, :l], cap_tok[i, :lc]])
                                   for i, (l, lc) in enumerate(zip(lens, cap_lens_pad))])
             ids, _ = _pad_batch([torch.cat([img_ids[i, :l], cap_ids[i, :lc]])
                                  for i, (l, lc) in enumerate(zip(lens, cap_lens_pad))])
-            mask = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         h = self._run(self.layers, h, rope(ids), mask, temb)
 
         # Only the real image tokens leave the trunk (the release also reshaped the pad tokens).
