@@ -66,7 +66,8 @@ class TrainConfig:
     lora_alpha: Optional[float] = None  # None: = rank (scale 1)
     lora_blocks: Optional[Sequence[int]] = None  # main layers that get adapters; None: all
     lora_train_head: bool = False  # also train the Detailer Head in full
-    shift: float = 3.0
+    shift: float = 3.0  # larger for high resolution / large patches (the 4K model)
+    patch_size: Optional[int] = None  # which RGB embedder trains, e.g. 64 for the 4K path (None: the first)
     num_train_timesteps: int = 500
     seeded_noise: bool = True  # ε from each image's `seed` column: the same ε every epoch (module docstring)
     caption_dropout: float = 0.0  # > 0 when training a model for classifier-free guidance
@@ -85,7 +86,8 @@ class TrainConfig:
 
 # Changing these between a checkpoint and its resume would silently change the run.
 _RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "policy", "n_keep", "include", "exclude", "lora_rank",
-                  "lora_alpha", "lora_blocks", "lora_train_head", "shift", "num_train_timesteps", "seeded_noise")
+                  "lora_alpha", "lora_blocks", "lora_train_head", "shift", "num_train_timesteps", "seeded_noise",
+                  "patch_size")
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec")
 
 
@@ -437,7 +439,7 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients once per step, not per micro-batch
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 with acc.autocast():
-                    raw = model(x_t, dit_time(sigma), caps)
+                    raw = model(x_t, dit_time(sigma), caps, patch_size=cfg.patch_size)
                 if isinstance(raw, list):
                     raw, x0, noise = (torch.cat([t.flatten() for t in v]) for v in (raw, x0, noise))
                 loss = flow_matching_loss(raw, x0, noise) / cfg.grad_accum
@@ -528,7 +530,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of --policy")
     p.add_argument("--lora-blocks", type=_blocks, default=None, help="main layers with adapters, e.g. 0-4,25-29")
     p.add_argument("--lora-train-head", action="store_true", help="with LoRA, also train the Detailer Head")
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--shift", type=float, default=3.0, help="training noise shift (larger for 4K)")
+    p.add_argument("--patch-size", type=int, default=None, help="RGB embedder to train, e.g. 64 for the 4K path")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024)
     p.add_argument("--skip-bad", action="store_true",
                    help="train on the usable rows; the bad ones are listed in OUT/skipped_rows.csv")
@@ -585,7 +588,7 @@ def run_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, grad_accum=a.grad_accum,
                       grad_clip=a.clip or None, policy=a.policy, n_keep=a.n, include=a.include, exclude=a.exclude,
                       lora_rank=a.lora_rank, lora_blocks=a.lora_blocks, lora_train_head=a.lora_train_head,
-                      shift=a.shift, seeded_noise=a.seeded_noise, mixed_precision="bf16" if a.bf16 else "no",
+                      shift=a.shift, patch_size=a.patch_size, seeded_noise=a.seeded_noise, mixed_precision="bf16" if a.bf16 else "no",
                       gradient_checkpointing=a.grad_ckpt, offload_text_encoder=a.offload_text_encoder,
                       num_workers=a.workers, save_every=a.save_every, seed=a.seed)
     try:

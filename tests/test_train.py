@@ -298,3 +298,17 @@ def test_cli_train_then_merge(tiny_run, capsys):
     merged, base = read_state_dict(root / "merged.safetensors"), read_state_dict(init)
     assert merged.keys() == base.keys() and report.verified == len(base)
     assert all(torch.equal(merged[k], step.get(k, base[k])) for k in base)
+
+
+def test_large_patch_path_trains_only_its_embedder():
+    """The 4K path: a second, larger RGB embedder trains through the shared Detailer Head."""
+    cfg = CFG4.replace(all_patch_size=(16, 32), all_f_patch_size=(1, 1))
+    torch.manual_seed(0)
+    model = ZImageDiT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ToyData(n=4, sizes=((64, 64),))
+    train(model, data, fake_encoder(), quiet(steps=2, batch_size=2, policy="paper", n_keep=1, patch_size=32, shift=6.0))
+    after = model.state_dict()
+    assert not torch.equal(before["all_x_embedder.32-1.weight"], after["all_x_embedder.32-1.weight"])
+    assert torch.equal(before["all_x_embedder.16-1.weight"], after["all_x_embedder.16-1.weight"])
+    assert not torch.equal(before["local_decoder.out_conv.weight"], after["local_decoder.out_conv.weight"])
