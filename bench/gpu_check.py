@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from l2p.config import DiTConfig, get_config, tiny_pixel  # noqa: E402
+from l2p.config import get_config, tiny_pixel  # noqa: E402
 from l2p.efficiency import (PeakMemory, build_dit, caption_features, free_memory, is_oom, measure,  # noqa: E402
                             param_mb, real_arms, ratios, time_call, tiny_arms)
 
@@ -71,7 +71,8 @@ def tiny_scale() -> Scale:
 #                                          Sections
 # ----------------------------------------------------------------------------------------------
 
-def _mib(x):
+def _num(x):
+    """A float for the table, None for missing or NaN."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
@@ -85,7 +86,7 @@ def sweep_rows(df, section):
             note += (f"; decode {r.decode_ms:,.0f} ms once per sample, {r.per_step_ms:,.0f} ms/step over "
                      f"{r.num_steps} steps ({100 * r.decode_share:.0f}% of a sample)")
         rows.append(dict(section=section, what=f"{r.arm} {r.resolution}" + (" CFG" if r.cfg else ""),
-                         status=r.status, ms=_mib(r.step_ms), peak_mib=_mib(r.peak_mb), note=note))
+                         status=r.status, ms=_num(r.step_ms), peak_mib=_num(r.peak_mb), note=note))
     return rows
 
 
@@ -153,8 +154,8 @@ def section_train(sc, args, state):
     note = (f"{summary.trainable_params:,} trainable / {summary.frozen_params:,} frozen; "
             f"loss {', '.join(f'{v:.3f}' for v in losses)}; first step (allocates AdamW state) excluded from ms")
     del model, opt, trainable
-    return [dict(section="train", what=f"paper policy, grad ckpt, AdamW {sc.res}²", status="ok" if ok else "non-finite loss",
-                 ms=min(times), peak_mib=weights + mem.peak_mb, note=note)]
+    return [dict(section="train", what=f"paper policy, grad ckpt, AdamW {sc.res}²",
+                 status="ok" if ok else "non-finite loss", ms=min(times), peak_mib=weights + mem.peak_mb, note=note)]
 
 
 def section_bf16(sc, args, state):

@@ -29,14 +29,14 @@ import gc
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from .config import DiTConfig, get_config, tiny_latent, tiny_pixel, toy_pixel
+from .config import DiTConfig, get_config, tiny_pixel, toy_pixel
 from .model import RMSNorm, ZImageDiT
 
 # The Flux VAE that Z-Image uses (z_image_facts.md §1): stride 8, 16 latent channels, 83.8M parameters.
@@ -249,10 +249,13 @@ class PeakMemory:
     def __init__(self, device):
         self.device = torch.device(device)
         self.peak_mb = float("nan")
+        self.exact = True
 
     @property
     def method(self) -> str:
-        return "cuda allocator" if self.device.type == "cuda" else "VmHWM"
+        if self.device.type == "cuda":
+            return "cuda allocator"
+        return "VmHWM" if self.exact else "VmHWM not reset (upper bound)"
 
     def __enter__(self):
         synchronize(self.device)
@@ -433,17 +436,20 @@ class ForkServer:
         """Send one job (arm, height, width, opts, parts); its result dict, or a status saying why none came."""
         import pickle
         import select
-        pickle.dump(job, self.proc.stdin)
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.close(kill=True)
-            return {"status": f"timeout after {timeout:.0f} s"}
         try:
+            pickle.dump(job, self.proc.stdin)
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                self.close(kill=True)
+                return {"status": f"timeout after {timeout:.0f} s"}
             return pickle.load(self.proc.stdout)
-        except EOFError:
+        except (EOFError, BrokenPipeError):
             self.close(kill=True)
             return {"status": "worker server died"}
+        except BaseException:  # e.g. an interrupted notebook cell: a late result would answer the next job
+            self.close(kill=True)
+            raise
 
     @property
     def alive(self) -> bool:
@@ -552,7 +558,8 @@ def _row(arm: Arm, h: int, w: int, opts: BenchOptions, res: dict) -> dict:
     row.update({k: res.get(k) for k in ("params", "step_ms", "step_ms_min", "decode_ms", "step_act_mb",
                                         "decode_act_mb", "mem_method", "status")})
     row["weights_mb"] = (res.get("dit_weights_mb") or 0.0) + (res.get("vae_weights_mb") or 0.0) or None
-    step, dec = res.get("step_ms"), res.get("decode_ms") if arm.vae is not None else 0.0
+    step = res.get("step_ms")
+    dec = res.get("decode_ms") if arm.vae is not None else 0.0  # pixel models decode nothing
     if step is not None and dec is not None:
         row["per_step_ms"] = step + dec / opts.num_steps
         row["sample_ms"] = step * opts.num_steps + dec
@@ -597,12 +604,13 @@ def measure(arms: Sequence[Arm], resolutions: Sequence, device: str = "cpu", dty
             for h, w in sizes:
                 grid = arm.grid(h, w)
                 if grid is None:
-                    done[h, w] = _row(arm, h, w, opts, {"status": f"skipped: {h}×{w} does not divide by "
-                                                                  f"{arm.stride * arm.patch}"})
+                    why = f"{h}×{w} does not divide by {arm.stride * arm.patch}"
                 elif max_tokens is not None and grid[0] * grid[1] > max_tokens:
-                    done[h, w] = _row(arm, h, w, opts, {"status": f"skipped: {grid[0] * grid[1]} tokens > {max_tokens}"})
+                    why = f"{grid[0] * grid[1]} tokens > {max_tokens}"
                 else:
                     todo.append((h, w))
+                    continue
+                done[h, w] = _row(arm, h, w, opts, {"status": f"skipped: {why}"})
             if todo:
                 done.update(_measure_arm(arm, todo, opts, isolate, timeout, deadline, progress))
             rows += [done[hw] for hw in sizes]
@@ -662,12 +670,15 @@ def _latent_name(df: pd.DataFrame) -> Optional[str]:
     return names[0] if len(names) else None
 
 
+RATIO_COLUMNS = ["resolution", "arm", "step_vs_latent_step", "step_vs_latent_per_step", "peak_vs_latent_peak",
+                 "latent_decode_share"]
+
+
 def ratios(df: pd.DataFrame) -> pd.DataFrame:
     """Per resolution and pixel arm: pixel / latent step time, per-step time with the decode amortised, peak memory."""
     lat = _latent_name(df)
     if lat is None:
-        return pd.DataFrame(columns=["resolution", "arm", "step_vs_latent_step", "step_vs_latent_per_step",
-                                     "peak_vs_latent_peak", "latent_decode_share"])
+        return pd.DataFrame(columns=RATIO_COLUMNS)
     ref = df[df.arm == lat].set_index("resolution")
     rows = []
     for _, r in df[(df.arm != lat) & df.step_ms.notna()].iterrows():
@@ -678,9 +689,9 @@ def ratios(df: pd.DataFrame) -> pd.DataFrame:
                          step_vs_latent_step=r.step_ms / L.step_ms,
                          step_vs_latent_per_step=r.step_ms / L.per_step_ms,
                          peak_vs_latent_peak=r.peak_mb / L.peak_mb, latent_decode_share=L.decode_share))
-    return pd.DataFrame(rows).sort_values(["side", "arm"]).drop(columns="side").reset_index(drop=True) if rows else \
-        pd.DataFrame(columns=["resolution", "arm", "step_vs_latent_step", "step_vs_latent_per_step",
-                              "peak_vs_latent_peak", "latent_decode_share"])
+    if not rows:
+        return pd.DataFrame(columns=RATIO_COLUMNS)
+    return pd.DataFrame(rows).sort_values(["side", "arm"], kind="stable")[RATIO_COLUMNS].reset_index(drop=True)
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -725,7 +736,8 @@ def plot_efficiency(df: pd.DataFrame, title: Optional[str] = None):
         ax.set_xlabel("resolution")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     ax_t.set_title("time per denoising step" + (" (CFG)" if df.cfg.any() else ""))
     ax_m.set_title("peak memory (weights + largest transient)")
     if title is None and len(df):

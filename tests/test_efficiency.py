@@ -172,6 +172,18 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert res["headline"] and res["sweep"]
 
 
+def test_committed_notebook_is_clean_and_parameterised():
+    pm = pytest.importorskip("papermill")
+    import nbformat
+    path = ROOT / "notebooks" / "06_efficiency.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    params = pm.inspect_notebook(str(path))
+    assert params["mode"]["default"] == '"full"' and params["smoke"]["inferred_type_name"] == "bool"
+    assert params["device"]["default"] == '"cpu"' and "resolutions" in params and "presets" in params
+    assert nb.cells[2].source.startswith("%matplotlib inline")
+
+
 @pytest.mark.slow
 def test_notebook_06_smoke(tmp_path, monkeypatch):
     pm = pytest.importorskip("papermill")
