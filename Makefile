@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 MODE ?= full
 
-.PHONY: install test test-all reports reports-smoke bench clean-cache
+.PHONY: install test test-browser reports reports-smoke bench clean-cache
 
 $(PY):
 	bash .ci/install.sh
@@ -26,6 +26,8 @@ reports-smoke: $(PY)
 bench: $(PY)
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_convert.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_toyworld.py
 
 clean-cache:
 	rm -rf .cache/l2p
