@@ -1,4 +1,8 @@
-"""The toy world: procedural captioned images, a toy stride-8 VAE and a "toy GenEval" judge, CPU-sized."""
-from .scenes import (BACKGROUNDS, CATEGORY_CHECKS, COLORS, POSITIONS, SHAPES, SIZES, Prompt, Scene,
-                     ToyWorldConfig, ToyWorldDataset, caption, evaluator_world, generate, parse_caption,
+"""The toy world: procedural captioned images, a toy stride-8 VAE and a "toy GenEval" judge, CPU-sized.
+
+Submodules: `scenes` (data, captions, prompts), `vae` (toy AutoencoderKL), `evaluator` (the judge).
+Heavier pieces (diffusers, the judge) load on first use of their submodule.
+"""
+from .scenes import (BACKGROUNDS, CATEGORY_CHECKS, COLORS, DEFAULT_CATEGORIES, POSITIONS, SHAPES, SIZES, Prompt,
+                     Scene, ToyWorldConfig, ToyWorldDataset, caption, evaluator_world, generate, parse_caption,
                      prompt_set, render, sample_scene, scene_labels, single_object_world, to_tensor, to_uint8)
