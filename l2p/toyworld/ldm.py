@@ -21,11 +21,11 @@ from .vae import encode
 
 @dataclass(frozen=True)
 class LDMTrainConfig:
-    """How to train the toy source model (defaults: full mode, ~6 min on 2 cores)."""
+    """How to train the toy source model (defaults: full mode)."""
 
     preset: str = "toy_latent"
     n_images: int = 20_000  # ground-truth renders, encoded once
-    steps: int = 2500
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
