@@ -104,6 +104,22 @@ def psnr(a: ImageLike, b: ImageLike, data_range: float = 2.0) -> float:
     return (10 * torch.log10(data_range ** 2 / mse)).mean().item()
 
 
+def spectrum_figure(sets: dict, cutoff: Optional[float] = 0.25, title: str = "Radially averaged power spectrum"):
+    """A matplotlib Figure with the radial spectra of named image sets (log power vs cycles/pixel)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for name, imgs in sets.items():
+        f, p = radial_power_spectrum(imgs)
+        ax.semilogy(f[1:].numpy(), p[1:].numpy(), label=name)
+    if cutoff is not None:
+        ax.axvline(cutoff * 0.5, color="grey", ls=":", lw=1, label=f"HF cutoff ({cutoff:g}·Nyquist)")
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title=title)
+    ax.legend(fontsize=8)
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 #                                Toy FID / KID on judge features
 # ----------------------------------------------------------------------------------------------

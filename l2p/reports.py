@@ -133,7 +133,8 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         os.environ[SUMMARY_ENV] = str(summary)
         print(f"[{i}/{len(nbs)}] {nb.name} ({mode}) …", flush=True)
         t0 = time.time()
-        row = {"stem": nb.stem, "status": "ok", "mode": mode, "commit": _commit(),
+        extra = "".join(f", {k}={v}" for k, v in (parameters or {}).items())
+        row = {"stem": nb.stem, "status": "ok", "mode": mode + extra, "commit": _commit(),
                "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
         try:
             pm.execute_notebook(str(nb), str(out / nb.name), parameters={"mode": mode, "smoke": mode == "smoke",
@@ -167,10 +168,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     p.add_argument("--only", nargs="*", help="notebook numbers or names, e.g. 00 03")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra notebook parameter (string), e.g. -p experiments=transfer,freeze_policy")
 
 
 def _main(a) -> int:
-    run(a.mode, a.out, a.only, a.timeout)
+    params = dict(kv.split("=", 1) for kv in a.param)
+    run(a.mode, a.out, a.only, a.timeout, params or None)
     return 0
 
 

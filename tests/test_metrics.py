@@ -48,6 +48,13 @@ def test_blur_removes_high_frequencies(images):
     assert metrics.high_frequency_energy_ratio(noisy, images) > 1.2
 
 
+def test_spectrum_figure(images):
+    from matplotlib.figure import Figure
+
+    fig = metrics.spectrum_figure({"gt": images, "blurred": gaussian_blur(images, torch.ones(len(images)))})
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 3
+
+
 def test_psnr_known_value(images):
     assert metrics.psnr(images, images) > 100
     shifted = images + 0.1  # MSE 0.01 with data range 2 → 10·log10(4 / 0.01)
