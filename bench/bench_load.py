@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from l2p.model import ZImageDiT
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-base = rss_mb()
+def rss_mb(field="VmHWM"):
+    # /proc, not ru_maxrss: after fork+exec, ru_maxrss can still report the parent's peak
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+base = rss_mb("VmRSS")
 t0 = time.perf_counter()
 m = ZImageDiT.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 dt = time.perf_counter() - t0
