@@ -311,8 +311,11 @@ class Evaluator:
 
         `prompts` are `Prompt`s (category included), `Scene`s, captions or attribute dicts; without a
         category, single scenes are scored as "full", counting as "counting", two-object as "relation".
+        `categories` (one name, or one per image) overrides the prompts' own.
         """
         preds = self.predict(images)
+        if isinstance(categories, str):
+            categories = [categories] * len(preds)
         if len(preds) != len(prompts):
             raise ValueError(f"{len(preds)} images but {len(prompts)} prompts")
         rows = []

@@ -42,6 +42,7 @@ class VAETrainConfig:
     lr: float = 2e-3
     warmup: int = 50
     kl_weight: float = 1e-5  # per latent element, against a per-pixel L1: a light leash on the posterior
+    edge_weight: float = 0.0  # L1 between image gradients (finite differences): sharper outlines if > 0
     seed: int = 0
     calib_images: int = 512  # images used to measure shift / scale
     block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
@@ -49,7 +50,10 @@ class VAETrainConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["edge_weight"]:  # added later: leaving it out at its default keeps older cache keys valid
+            del d["edge_weight"]
+        return d
 
     def replace(self, **kw) -> "VAETrainConfig":
         return replace(self, **kw)
@@ -79,6 +83,13 @@ def _lr_at(step: int, cfg: VAETrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t)))
 
 
+def edge_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the horizontal and vertical finite differences of two image batches."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return 0.5 * ((dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean())
+
+
 def train_vae(cfg: Union[str, VAETrainConfig] = "full", progress: bool = True) -> tuple[AutoencoderKL, pd.DataFrame]:
     """Train on a fresh stream of scenes with L1 + kl_weight·KL; then set shift/scale. Returns (vae, history)."""
     cfg = vae_train_config(cfg)
@@ -98,6 +109,8 @@ def train_vae(cfg: Union[str, VAETrainConfig] = "full", progress: bool = True) -
         l1 = (rec - x).abs().mean()
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
         loss = l1 + cfg.kl_weight * kl
+        if cfg.edge_weight:
+            loss = loss + cfg.edge_weight * edge_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
