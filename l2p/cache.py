@@ -38,7 +38,9 @@ def cache_dir() -> Path:
 
 
 def _jsonable(obj: Any) -> Any:
-    """Dataclasses, tuples, paths and numpy scalars → plain JSON types."""
+    """Dataclasses, tuples, paths and numpy scalars → plain JSON types (a `to_dict()` is the object's own say)."""
+    if hasattr(obj, "to_dict") and not isinstance(obj, type):
+        return _jsonable(obj.to_dict())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
