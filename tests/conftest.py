@@ -6,6 +6,7 @@ never touch the user's own cache. Set L2P_TEST_CACHE to reuse a cache across ses
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,3 +19,12 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("L2P_CACHE", None)
     else:
         os.environ["L2P_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every model in the suite is tiny: a second thread only adds OpenMP barrier waits (far slower when busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,15 +16,6 @@ from l2p.model import RMSNorm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two shared cores run tiny models slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 #                                   Arms and random models
 # ----------------------------------------------------------------------------------------------

@@ -17,15 +17,6 @@ from l2p.train import (TrainConfig, TrainingDiverged, latest_checkpoint, load_lo
 CFG4 = tiny_pixel().replace(n_layers=4)  # paper n=1 then freezes layers 1-2, like 5-24 of 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two shared cores run tiny models ~10× slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(cfg=CFG4, seed=0):
     torch.manual_seed(seed)  # the convs keep PyTorch's default init, drawn from the global RNG
     return ZImageDiT(cfg).init_for_training_from_scratch(torch.Generator().manual_seed(seed))

@@ -51,15 +51,6 @@ def tiny_pipes() -> tuple[LatentPipeline, L2PPipeline]:
             L2PPipeline(_jitter(ZImageDiT(tiny_pixel()), 2), text))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds OpenMP barrier waits (100× slower on a busy shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipes():
     return tiny_pipes()
