@@ -6,7 +6,7 @@ import torch
 from matplotlib.figure import Figure
 
 from l2p.panel import GenerationPanel, png_bytes, strip_png
-from test_trajectory import one_thread, tiny_pipes  # noqa: F401  (one_thread: autouse fixture)
+from test_trajectory import tiny_pipes
 
 
 @pytest.fixture(scope="module")
