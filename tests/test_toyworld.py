@@ -261,9 +261,9 @@ def test_evaluator_smoke_train_save_load(tmp_path):
     assert torch.allclose(ev2.features(imgs), f, atol=1e-6) and ev2.world == ev.world
 
 
-# A quick judge on an easier task, trained inside the test in ~10–25 s: single objects, and only the
+# A quick judge on an easier task, trained inside the test in ~10–30 s: single objects, and only the
 # attributes that are learnt first (count, colour, position, background). Shape needs the full run.
-QUICK = EvaluatorTrainConfig(steps=120, batch_size=24, net=JudgeConfig(width=12, cell_dim=16, background_dim=16),
+QUICK = EvaluatorTrainConfig(steps=300, batch_size=24, net=JudgeConfig(width=12, cell_dim=16, background_dim=16),
                              world=sc.single_object_world())
 
 
