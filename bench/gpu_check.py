@@ -14,6 +14,7 @@ error marks its rows and the next section still runs:
   bf16      bf16 vs fp32 agreement of the l2p_1k forward on a 256² input (TF32 off for the reference)
   odd-grid  l2p_1k forward at 1280×720: a 45×80 = 3600-token grid, not a multiple of 32
   cfg       latent and patch-16 steps at 1024² with CFG (positive and negative in one batch of 2)
+  train-full (not with --quick) the same training step under the `full` policy, for the paper/full ratio
   sweep+    (not with --quick) 2048² for every arm, and the latent and patch-16 models at 4096²
 
 Prints one table (peak = weights + largest transient, MiB); --out writes the rows and the sweep as JSON.
@@ -120,7 +121,7 @@ def section_cfg(sc, args, state):
     return sweep_rows(_measure(sc, state, [lat, p16], [sc.res], guidance=True, repeats=_repeats(args)), "cfg")
 
 
-def section_train(sc, args, state):
+def section_train(sc, args, state, policy="paper"):
     from l2p.flow import add_noise, flow_matching_loss
     from l2p.schedule import dit_time, sample_training_sigma
     from l2p.train import TrainConfig, prepare_trainable
@@ -129,7 +130,7 @@ def section_train(sc, args, state):
     model = build_dit(sc.pixel, dev, sc.dtype, seed=0)
     model.gradient_checkpointing = True
     model.train()
-    summary = prepare_trainable(model, TrainConfig(policy="paper", n_keep=sc.n_keep))
+    summary = prepare_trainable(model, TrainConfig(policy=policy, n_keep=sc.n_keep))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=5e-5, weight_decay=0.01)  # the release's settings
     g = torch.Generator(dev).manual_seed(0)
@@ -154,7 +155,8 @@ def section_train(sc, args, state):
     note = (f"{summary.trainable_params:,} trainable / {summary.frozen_params:,} frozen; "
             f"loss {', '.join(f'{v:.3f}' for v in losses)}; first step (allocates AdamW state) excluded from ms")
     del model, opt, trainable
-    return [dict(section="train", what=f"paper policy, grad ckpt, AdamW {sc.res}²",
+    state.setdefault("train", {})[policy] = (min(times), weights + mem.peak_mb)
+    return [dict(section="train", what=f"{policy} policy, grad ckpt, AdamW {sc.res}²",
                  status="ok" if ok else "non-finite loss", ms=min(times), peak_mib=weights + mem.peak_mb, note=note)]
 
 
@@ -264,12 +266,18 @@ def format_row(r):
 def headline(state):
     """The paper's comparison in two lines, from whatever the sweeps measured."""
     import pandas as pd
+    lines = []
+    tr = state.get("train", {})
+    if "paper" in tr and "full" in tr:
+        (tp, mp), (tf, mf) = tr["paper"], tr["full"]
+        lines.append(f"training step paper / full: time {tp / tf:.2f}×, peak memory {mp / mf:.2f}× "
+                     f"(goal ≤ 0.8×, ≤ 0.7×)")
     if not state["sweep"]:
-        return []
+        return lines
     df = pd.concat(state["sweep"], ignore_index=True)
     df = df[~df.cfg]
     rt = ratios(df.drop_duplicates(["arm", "resolution"], keep="last"))
-    return [f"{r.arm} / latent at {r.resolution}: step {r.step_vs_latent_step:.2f}×, step vs latent step + amortised "
+    return lines + [f"{r.arm} / latent at {r.resolution}: step {r.step_vs_latent_step:.2f}×, step vs latent step + amortised "
             f"decode {r.step_vs_latent_per_step:.2f}×, peak memory {r.peak_vs_latent_peak:.2f}×"
             for r in rt.itertuples() if r.step_vs_latent_step == r.step_vs_latent_step]
 
@@ -288,6 +296,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny presets on the CPU (every code path, seconds)")
     ap.add_argument("--out", type=Path, help="write the table and the sweep as JSON here")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no section after this many seconds")
+    ap.add_argument("--sections", help="comma-separated subset to run, e.g. env,train,train-full")
     args = ap.parse_args(argv)
 
     sc = tiny_scale() if args.tiny else real_scale()
@@ -300,7 +309,14 @@ def main(argv=None):
     sections = [("env", section_env), ("sweep", section_sweep), ("train", section_train), ("bf16", section_bf16),
                 ("odd-grid", section_odd), ("cfg", section_cfg)]
     if not args.quick:
-        sections.append(("sweep+", section_sweep_more))
+        # The paper's claim for its freeze policy, measured: the same step with everything trained.
+        sections += [("train-full", lambda *a: section_train(*a, policy="full")), ("sweep+", section_sweep_more)]
+    if args.sections:
+        wanted = args.sections.split(",")
+        unknown = sorted(set(wanted) - {n for n, _ in sections})
+        if unknown:
+            sys.exit(f"unknown section(s) {unknown}; choose from {[n for n, _ in sections]}")
+        sections = [(n, f) for n, f in sections if n in wanted]
     print(HEADER, flush=True)
     rows = []
     for name, fn in sections:
