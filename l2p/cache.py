@@ -70,13 +70,15 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
     if final.is_dir() and not rebuild:
         return load_fn(final)
     root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     artefact = build_fn()
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_fn(artefact, tmp)
         meta = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "build_seconds": round(time.perf_counter() - t0, 2)}  # build + save: what a cache hit saves
         (tmp / "cache_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.is_dir() and rebuild:
             shutil.rmtree(final, ignore_errors=True)
@@ -89,6 +91,14 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
         raise
     # Return what a later call would load, so a hit and a miss give the same object type.
     return load_fn(final)
+
+
+def build_seconds(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,
+                  version: Optional[str] = None) -> Optional[float]:
+    """Wall time the cached artefact took to build and save (None: not cached, or cached before this was kept)."""
+    root = Path(root) if root is not None else cache_dir()
+    meta = root / key_for(name, config, seed, version) / "cache_meta.json"
+    return json.loads(meta.read_text()).get("build_seconds") if meta.is_file() else None
 
 
 def is_cached(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,

@@ -52,6 +52,9 @@ class DiTConfig:
     axes_lens: tuple[int, ...] = (1536, 512, 512)
     # Pixel form: a Detailer Head replaces the final layer. None means the latent form.
     detailer: Optional[DetailerConfig] = None
+    # Image and caption tokens are each padded to a multiple of this (the release: 32). The toy presets use
+    # 16: their 4×4 grid would otherwise be half padding, and the CPU pays for every token.
+    seq_multiple: int = SEQ_MULTI_OF
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -133,9 +136,13 @@ def l2p_4k() -> DiTConfig:
 
 
 def toy_latent(cap_feat_dim: int = 384) -> DiTConfig:
-    """Toy source LDM for 64² images: 8×8×16 latents, patch 2 → 16 tokens; dim 128, 4 layers (~1.5M params)."""
+    """Toy source LDM for 64² images: 8×8×16 latents, patch 2 → 16 tokens; dim 128, 4 layers (~1.5M params).
+
+    Sequences are padded to multiples of 16, not 32: 16 image + ≤16 caption tokens instead of 32 + 32.
+    """
     return DiTConfig(all_patch_size=(2,), in_channels=16, dim=128, n_layers=4, n_refiner_layers=1, n_heads=4,
-                     n_kv_heads=4, cap_feat_dim=cap_feat_dim, axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
+                     n_kv_heads=4, cap_feat_dim=cap_feat_dim, axes_dims=(8, 12, 12), axes_lens=(256, 64, 64),
+                     seq_multiple=16)
 
 
 TOY_DETAILER = DetailerConfig(channels=(8, 16, 32, 64))  # full-resolution convs dominate the CPU cost

@@ -7,8 +7,8 @@ image tokens at its H/16 bottleneck. State-dict keys are exactly those of the re
 
 Conventions (see shared/reference/z_image_facts.md): the DiT is fed t = 1 − σ and its raw output is
 ≈ x0 − ε, so the velocity is −output. Sequence per item: [image tokens ; caption tokens], each padded to
-a multiple of 32 with learned pad tokens that are attended to; only padding *between batch items* is
-masked (the release forgets to; see tests/test_model.py).
+a multiple of 32 (`DiTConfig.seq_multiple`) with learned pad tokens that are attended to; only padding
+*between batch items* is masked (the release forgets to; see tests/test_model.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .config import SEQ_MULTI_OF, DetailerConfig, DiTConfig, get_config
+from .config import DetailerConfig, DiTConfig, get_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def unpatchify(tokens: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Te
     return tokens.reshape(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w)
 
 
-def _ceil_to(n: int, m: int = SEQ_MULTI_OF) -> int:
+def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
@@ -312,11 +312,12 @@ class ZImageDiT(nn.Module):
     def _embed_captions(self, caps: list[torch.Tensor]):
         """Captions → (B, Lp, dim) tokens, RoPE ids, validity mask and per-item padded lengths.
 
-        Item i keeps its L_i tokens, then cap_pad_token up to a multiple of 32 (attended to, as
-        released), then batch padding up to the longest item (masked out).
+        Item i keeps its L_i tokens, then cap_pad_token up to a multiple of cfg.seq_multiple (32 as released;
+        attended to, as released), then batch padding up to the longest item (masked out).
         """
         lens = torch.tensor([c.shape[0] for c in caps])
-        lens_pad = torch.clamp((lens + SEQ_MULTI_OF - 1) // SEQ_MULTI_OF * SEQ_MULTI_OF, min=SEQ_MULTI_OF)
+        m = self.cfg.seq_multiple
+        lens_pad = torch.clamp((lens + m - 1) // m * m, min=m)
         width = int(lens_pad.max())
         feats = pad_sequence(caps, batch_first=True)
         feats = F.pad(feats, (0, 0, 0, width - feats.shape[1]))
@@ -330,14 +331,14 @@ class ZImageDiT(nn.Module):
         return tok, ids, valid, lens_pad.tolist()
 
     def _embed_images(self, x: torch.Tensor, p: int, cap_lens_pad: list[int]):
-        """Equal-sized images (B, C, H, W) → (B, Np, dim) tokens padded to 32 with x_pad_token, RoPE ids."""
+        """Equal-sized images (B, C, H, W) → (B, Np, dim) tokens padded with x_pad_token, and RoPE ids."""
         b, c, h, w = x.shape
         if h % p or w % p:
             raise ValueError(f"image of size {h}×{w} is not divisible by the patch size {p}")
         ht, wt = h // p, w // p
         tok = x.reshape(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, ht * wt, p * p * c)
         tok = self.all_x_embedder[f"{p}-1"](tok)
-        n, n_pad = ht * wt, _ceil_to(ht * wt)
+        n, n_pad = ht * wt, _ceil_to(ht * wt, self.cfg.seq_multiple)
         tok = torch.cat([tok, self.x_pad_token.to(tok.dtype).expand(b, n_pad - n, -1)], dim=1)
         ids = torch.zeros(b, n_pad, 3, dtype=torch.long, device=x.device)
         ids[:, :n] = _grid_ids(0, ht, wt, x.device)
@@ -399,7 +400,7 @@ class ZImageDiT(nn.Module):
             mask = None if cap_valid is None else torch.cat([torch.ones_like(img_ids[..., 0], dtype=torch.bool),
                                                              cap_valid], 1)
         else:
-            lens = [_ceil_to(n) for n in n_real]
+            lens = [_ceil_to(n, self.cfg.seq_multiple) for n in n_real]
             h, mask = _pad_batch([torch.cat([img_tok[i, :l], cap_tok[i, :lc]])
                                   for i, (l, lc) in enumerate(zip(lens, cap_lens_pad))])
             ids, _ = _pad_batch([torch.cat([img_ids[i, :l], cap_ids[i, :lc]])

@@ -53,7 +53,9 @@ def spectra_plot(sets: Mapping[str, object], title: str = "radially averaged pow
     ax = fig.subplots()
     for name, imgs in sets.items():
         f, p = radial_power_spectrum(imgs)
-        ax.semilogy(np.asarray(f), np.asarray(p), label=name)
+        f, p = np.asarray(f), np.asarray(p)
+        keep = f > 0  # the DC bin (≈ 0 once the mean is removed) would stretch the log axis over 30 decades
+        ax.semilogy(f[keep], p[keep], label=name)
     ax.set_xlabel("spatial frequency (cycles / pixel)")
     ax.set_ylabel("power")
     ax.set_title(title)

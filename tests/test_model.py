@@ -118,9 +118,10 @@ def random_model(cfg, seed=0):
     return m
 
 
-def test_batch_padding_is_masked():
+@pytest.mark.parametrize("multiple", [32, 16])
+def test_batch_padding_is_masked(multiple):
     """A batch with unequal captions equals running each item alone (the release ignores the mask)."""
-    cfg = tiny_pixel()
+    cfg = tiny_pixel().replace(seq_multiple=multiple)
     m = random_model(cfg)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 32, 32, generator=g)
@@ -151,8 +152,9 @@ def test_any_multiple_of_16_works(hw):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_mixed_sizes_in_one_batch_equal_items_alone():
-    cfg = tiny_pixel()
+@pytest.mark.parametrize("multiple", [32, 16])
+def test_mixed_sizes_in_one_batch_equal_items_alone(multiple):
+    cfg = tiny_pixel().replace(seq_multiple=multiple)
     m = random_model(cfg)
     xs = [torch.randn(3, 48, 48), torch.randn(3, 32, 64)]
     caps = [torch.randn(5, cfg.cap_feat_dim), torch.randn(12, cfg.cap_feat_dim)]
@@ -163,6 +165,22 @@ def test_mixed_sizes_in_one_batch_equal_items_alone():
             alone = m(xs[i][None], t[i : i + 1], caps[i : i + 1])[0]
             assert out[i].shape == xs[i].shape
             assert (out[i] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("multiple", [32, 16, 8])
+def test_sequence_padding_follows_seq_multiple(multiple):
+    """Image and caption tokens are each padded to the config's multiple (32 as released; 16 in toy presets)."""
+    m = random_model(tiny_pixel().replace(seq_multiple=multiple))
+    tok, ids, valid, lens = m._embed_captions([torch.randn(5, m.cfg.cap_feat_dim), torch.randn(17, 32)])
+    assert lens == [-(-5 // multiple) * multiple, -(-17 // multiple) * multiple] and tok.shape[1] == max(lens)
+    img, img_ids, n, _ = m._embed_images(torch.randn(1, 3, 48, 48), 16, lens[:1])
+    assert n == 9 and img.shape[1] == -(-9 // multiple) * multiple
+
+
+def test_toy_presets_pad_to_16_and_real_ones_to_32():
+    from l2p.config import toy_latent, toy_pixel
+    assert toy_latent().seq_multiple == toy_pixel().seq_multiple == 16
+    assert z_image_turbo().seq_multiple == l2p_1k().seq_multiple == l2p_4k().seq_multiple == 32
 
 
 def test_rejects_sizes_not_divisible_by_patch():

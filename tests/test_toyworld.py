@@ -192,6 +192,32 @@ def test_train_vae_smoke(tmp_path, monkeypatch):
     assert {"psnr", "hf_ratio", "spectral_fidelity"} <= set(m) and any(k.startswith("hf_ratio/") for k in m)
 
 
+def test_object_mask_covers_exactly_the_objects():
+    scene, _ = sc.sample_item(0, 3, sc.ToyWorldConfig(), kind="single")
+    m = sc.object_mask(scene, 64)
+    assert m.shape == (64, 64) and m.min() == 0 and m.max() == 1
+    # Where the mask is 1 the render shows the object's colour; where 0, the background alone.
+    img = sc.render(scene, 64).astype(np.float32) / 255
+    plain = sc.render(sc.Scene(scene.kind, [], scene.background), 64).astype(np.float32) / 255
+    assert np.abs(img[m == 1] - np.asarray(scene.objects[0].rgb)).max() < 2 / 255
+    assert np.abs(img[m == 0] - plain[m == 0]).max() < 2 / 255
+    w = tv.object_weights([scene], 64, ring=2)
+    assert w.shape == (1, 1, 64, 64) and (w >= torch.from_numpy(m)).all() and w.sum() > m.sum()
+
+
+def test_vae_training_options_change_the_loss_but_not_old_keys():
+    """object_weight / sample_posterior / mixed_precision train; at their defaults the cache key is unchanged."""
+    base = tv.VAETrainConfig(steps=2, batch_size=4, calib_images=8)
+    assert set(base.to_dict()) == set(base.to_dict()) - {"object_weight", "sample_posterior", "mixed_precision",
+                                                         "edge_weight"}
+    assert cache.key_for("v", base.to_dict(), 0) != cache.key_for("v", base.replace(object_weight=4.0).to_dict(), 0)
+    hists = [tv.train_vae(base.replace(**kw), progress=False)[1]
+             for kw in ({}, {"object_weight": 4.0}, {"sample_posterior": False, "mixed_precision": "bf16"})]
+    assert hists[0].l1[0] != hists[1].l1[0]  # the weighted L1 differs on the same first batch
+    for h in hists:
+        assert np.isfinite(h.loss).all()
+
+
 # ----------------------------------------------------------------------------------------------
 #                                      Evaluator (judge)
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +340,19 @@ def test_cache_hit_miss(tmp_path):
     assert len(entries) == 2 and not any(p.name.startswith(".") for p in entries)
     meta = json.loads((tmp_path / cache.key_for("thing", cfg, 0) / "cache_meta.json").read_text())
     assert meta["seed"] == 0 and meta["version"] == cache.version_string()
+    assert cache.build_seconds("thing", cfg, 0, root=tmp_path) == meta["build_seconds"] >= 0
+    assert cache.build_seconds("thing", cfg, 5, root=tmp_path) is None
+
+
+def test_world_keys_follow_the_vae_and_the_architecture(monkeypatch):
+    """A new VAE config or LDM architecture must invalidate the source LDM and everything downstream."""
+    from l2p.toyworld import world as tw
+    spec = tw.SPECS["smoke"]
+    k0 = spec.key()
+    monkeypatch.setitem(tv.VAE_MODES, "smoke", tv.VAE_MODES["smoke"].replace(steps=7))
+    assert spec.key() != k0 and spec.ldm_key() != tw.SPECS["smoke"].ldm_key(spec.ldm.replace(seed=1))
+    monkeypatch.undo()
+    assert spec.key() == k0 and spec.key()["arch"]["seq_multiple"] == 16
 
 
 def test_cache_keys():
@@ -339,3 +378,18 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("L2P_CACHE")
     assert cache.cache_dir().parts[-2:] == (".cache", "l2p")
+
+
+def test_bench_toyworld_smoke_reports_every_piece(tmp_path, monkeypatch):
+    """The build benchmark (smoke mode) records a time for each piece of the world."""
+    import importlib.util
+    from pathlib import Path
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path))
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_toyworld.py"
+    spec = importlib.util.spec_from_file_location("bench_toyworld", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--mode", "smoke", "--cache", "--threads", "1"])
+    pieces = res["smoke"]["build"]["pieces_s"]
+    assert len(pieces) == 5 and all(v == v and v >= 0 for v in pieces.values())  # no NaN: all were built here
+    assert res["smoke"]["build"]["total_s"] == pytest.approx(sum(v for k, v in pieces.items() if k != "total"))

@@ -68,8 +68,7 @@ class FinetuneRun:
 def source_checkpoint(world: ToyWorld) -> Path:
     """The source LDM as a safetensors file (it lives in the world's cache entry)."""
     from ..cache import cache_dir, key_for
-    return cache_dir() / key_for("toy_source_ldm", {"ldm": world.spec.ldm.to_dict(), "vae": world.spec.mode},
-                                 world.spec.ldm.seed) / "model.safetensors"
+    return cache_dir() / key_for("toy_source_ldm", world.spec.ldm_key(), world.spec.ldm.seed) / "model.safetensors"
 
 
 def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detailer: DetailerConfig = TOY_DETAILER,
@@ -86,7 +85,7 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
                       detailer=detailer, init=init, seed=seed, progress=False, **kw)
         rep.save_json(p / "report.json")
 
-    key = {"world": world.spec.mode, "ldm": world.spec.ldm.to_dict(), "init": init, "patches": list(patch_sizes),
+    key = {"world": world.spec.key(), "init": init, "patches": list(patch_sizes),
            "detailer": asdict(detailer)}
     path = cached("toy_pixel_init", key, seed, build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
     return path / "pixel_init.safetensors"
@@ -120,10 +119,15 @@ def corpus_dir(world: ToyWorld, cfg: FinetuneConfig) -> Path:
 
 
 def cross_source(world: ToyWorld) -> ZImageDiT:
-    """A second toy LDM, trained with another seed on another image stream (the paper's "cross-model" data)."""
+    """A second toy LDM: another seed, another image stream, half the steps (the paper's "cross-model" data).
+
+    Half the training keeps the report's budget; it also makes the second model differ in quality, as two
+    real models do.
+    """
     from .ldm import load_ldm, save_ldm, train_source_ldm
-    ldm = world.spec.ldm.replace(seed=world.spec.ldm.seed + 1, data_seed=world.spec.ldm.data_seed + 1)
-    model, _ = cached("toy_source_ldm", {"ldm": ldm.to_dict(), "vae": world.spec.mode}, ldm.seed,
+    ldm = world.spec.ldm.replace(seed=world.spec.ldm.seed + 1, data_seed=world.spec.ldm.data_seed + 1,
+                                 steps=max(1, world.spec.ldm.steps // 2))
+    model, _ = cached("toy_source_ldm", world.spec.ldm_key(ldm), ldm.seed,
                       build_fn=lambda: train_source_ldm(ldm, world.vae, world.text, progress=False),
                       save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
     return model
@@ -180,5 +184,5 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
                            pd.read_csv(p / "evals.csv"), p, torch.load(p / "samples.pt"))
 
-    key = {"world": world.spec.mode, "ldm": world.spec.ldm.to_dict(), **asdict(cfg)}
+    key = {"world": world.spec.key(), **asdict(cfg)}
     return cached("toy_finetune", key, cfg.seed, build_fn=build, save_fn=save, load_fn=load)

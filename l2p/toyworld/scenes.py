@@ -337,6 +337,16 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return (img * 255 + 0.5).astype(np.uint8)
 
 
+def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
+    """(size, size) float32 coverage of the scene's objects in [0, 1], anti-aliased as `render` draws them."""
+    x, y = _grid(size)
+    pix = BASE / size
+    cover = np.zeros((size, size), np.float32)
+    for obj in scene.objects:
+        cover = np.maximum(cover, np.clip(0.5 - _sdf(obj, x, y) / pix, 0, 1))
+    return cover
+
+
 # ----------------------------------------------------------------------------------------------
 #                                     Captions and parsing
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .scenes import ToyWorldConfig, generate, to_tensor
+from .scenes import ToyWorldConfig, generate, object_mask, to_tensor
 
 
 def toy_vae_config(block_out_channels: tuple[int, ...] = (16, 32, 64, 64), latent_channels: int = 16,
@@ -43,6 +43,11 @@ class VAETrainConfig:
     warmup: int = 50
     kl_weight: float = 1e-5  # per latent element, against a per-pixel L1: a light leash on the posterior
     edge_weight: float = 0.0  # L1 between image gradients (finite differences): sharper outlines if > 0
+    # Extra L1 weight on object pixels and a 2-px ring around them: the background textures fill most of
+    # every image, and plain L1 spends the small decoder on them while the shapes (what captions name) stay blobs.
+    object_weight: float = 0.0
+    sample_posterior: bool = True  # False: decode the posterior mean while training (a plain autoencoder + KL)
+    mixed_precision: str = "no"  # "bf16": CPU/GPU autocast for the convolutions (≈1.4× faster on bf16 CPUs)
     seed: int = 0
     calib_images: int = 512  # images used to measure shift / scale
     block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
@@ -51,17 +56,24 @@ class VAETrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["edge_weight"]:  # added later: leaving it out at its default keeps older cache keys valid
-            del d["edge_weight"]
+        for k, default in _LATE_FIELDS.items():  # added later: left out at their defaults, older cache keys stay valid
+            if d[k] == default:
+                del d[k]
         return d
 
     def replace(self, **kw) -> "VAETrainConfig":
         return replace(self, **kw)
 
 
+_LATE_FIELDS = {"edge_weight": 0.0, "object_weight": 0.0, "sample_posterior": True, "mixed_precision": "no"}
+
 VAE_MODES = {
-    "full": VAETrainConfig(),
-    "smoke": VAETrainConfig(steps=6, batch_size=8, calib_images=32),
+    # Many small steps with the object-weighted L1 (measured, 2 cores: at 3000 steps the judge reads 0.64 of
+    # reconstructions right vs 0.29 without the weight and 0.39 for 1000 steps of batch 32).
+    "full": VAETrainConfig(steps=4000, batch_size=8, object_weight=4.0, sample_posterior=False,
+                           mixed_precision="bf16"),
+    "smoke": VAETrainConfig(steps=6, batch_size=8, calib_images=32, object_weight=4.0, sample_posterior=False,
+                            mixed_precision="bf16"),
 }
 
 
@@ -90,6 +102,12 @@ def edge_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean())
 
 
+def object_weights(scenes, size: int, ring: int = 2) -> torch.Tensor:
+    """(N, 1, size, size) object coverage dilated by `ring` pixels (edges included) for the weighted L1."""
+    m = torch.from_numpy(np.stack([object_mask(s, size) for s in scenes]))[:, None]
+    return F.max_pool2d(m, 2 * ring + 1, stride=1, padding=ring)
+
+
 def train_vae(cfg: Union[str, VAETrainConfig] = "full", progress: bool = True) -> tuple[AutoencoderKL, pd.DataFrame]:
     """Train on a fresh stream of scenes with L1 + kl_weight·KL; then set shift/scale. Returns (vae, history)."""
     cfg = vae_train_config(cfg)
@@ -100,13 +118,22 @@ def train_vae(cfg: Union[str, VAETrainConfig] = "full", progress: bool = True) -
     rows, t0 = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="toy VAE", disable=not progress)
     for step in bar:
-        x = to_tensor(generate(cfg.batch_size, cfg.seed, cfg.world, start=step * cfg.batch_size)[0])
+        imgs, _, scenes = generate(cfg.batch_size, cfg.seed, cfg.world, start=step * cfg.batch_size)
+        x = to_tensor(imgs)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen) if cfg.sample_posterior \
+                else post.mean
+            rec = vae.decode(z).sample.float()
+        post = type(post)(post.parameters.float())  # the KL in fp32
+        err = (rec - x).abs()
+        if cfg.object_weight:
+            w = 1 + cfg.object_weight * object_weights(scenes, x.shape[-1])
+            l1 = (err * w).mean() / w.mean()
+        else:
+            l1 = err.mean()
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
         loss = l1 + cfg.kl_weight * kl
         if cfg.edge_weight:

@@ -20,7 +20,7 @@ from ..pipeline import L2PPipeline, LatentPipeline
 from .evaluator import Evaluator, load_or_train_evaluator
 from .ldm import LDMTrainConfig, ldm_train_config, load_ldm, save_ldm, train_source_ldm
 from .scenes import Prompt, generate, prompt_set, render, single_object_world, to_tensor
-from .vae import load_or_train_vae
+from .vae import load_or_train_vae, vae_train_config
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,17 @@ class WorldSpec:
     sample_steps: int = 20
     cfg_scale: float = 3.0
     image_size: int = 64
+
+    def ldm_key(self, ldm: Optional[LDMTrainConfig] = None) -> dict:
+        """Cache key of a source LDM of this world: its training config, the VAE it learned on, its architecture."""
+        from ..config import get_config
+        ldm = ldm or self.ldm
+        return {"ldm": ldm.to_dict(), "vae": vae_train_config(self.mode).to_dict(),
+                "arch": get_config(ldm.preset).to_dict()}
+
+    def key(self) -> dict:
+        """What everything downstream of the source model (corpus, conversion, fine-tuning) depends on."""
+        return {"mode": self.mode, **self.ldm_key()}
 
 
 SPECS = {
@@ -82,6 +93,29 @@ class ToyWorld:
     def cfg_scale(self) -> float:
         return self.spec.cfg_scale
 
+    def build_times(self, corpus_size: Optional[int] = None) -> pd.DataFrame:
+        """Seconds each cached piece took to build here (its first run), in build order; NaN where unknown."""
+        from ..cache import build_seconds, key_for
+        from .evaluator import evaluator_train_config
+        spec = self.spec
+        vae_cfg, ev_cfg = vae_train_config(spec.mode), evaluator_train_config(spec.mode)
+        n = corpus_size or spec.corpus_size
+        judge_s = build_seconds("toy_evaluator", ev_cfg.to_dict(), ev_cfg.seed)
+        if judge_s is None:  # judges cached before build times were kept: their history has the training time
+            hist = cache_dir() / key_for("toy_evaluator", ev_cfg.to_dict(), ev_cfg.seed) / "history.csv"
+            judge_s = float(pd.read_csv(hist)["time"].iloc[-1]) if hist.is_file() else None
+        rows = [("toy VAE", build_seconds("toy_vae", vae_cfg.to_dict(), vae_cfg.seed)),
+                ("judge", judge_s),
+                ("source LDM", build_seconds("toy_source_ldm", spec.ldm_key(), spec.ldm.seed)),
+                (f"corpus ({n} images)", build_seconds("toy_corpus", self._corpus_key(n, None), 0))]
+        df = pd.DataFrame([{"piece": k, "seconds": float("nan") if v is None else v} for k, v in rows])
+        total = pd.DataFrame([{"piece": "total", "seconds": df.seconds.sum(min_count=len(df))}])
+        return pd.concat([df, total], ignore_index=True).set_index("piece")
+
+    def _corpus_key(self, n: int, source) -> dict:
+        return {"world": self.spec.key(), "source": "world" if source is None else "custom", "n": n,
+                "steps": self.sample_steps, "cfg": self.cfg_scale}
+
     # -- pipelines -----------------------------------------------------------------------------
     def latent_pipeline(self, model: Optional[ZImageDiT] = None) -> LatentPipeline:
         return LatentPipeline(model or self.source, self.text, self.vae)
@@ -100,8 +134,7 @@ class ToyWorld:
         from .corpus import synth_corpus
         n = n or self.spec.corpus_size
         src = source or self.source
-        key = {"world": self.spec.mode, "ldm": self.spec.ldm.to_dict() if source is None else "custom", "n": n,
-               "steps": self.sample_steps, "cfg": self.cfg_scale}
+        key = self._corpus_key(n, source)
         captions = generate(n, seed + 10_000, self.world)[1]  # a caption stream disjoint from the LDM's data
         return cached(name, key, seed,
                       build_fn=lambda: captions,
@@ -165,7 +198,7 @@ def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[Wo
     vae, vae_hist = load_or_train_vae(spec.mode, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
     text = toy_text()
-    source, hist = cached("toy_source_ldm", {"ldm": spec.ldm.to_dict(), "vae": spec.mode}, spec.ldm.seed,
+    source, hist = cached("toy_source_ldm", spec.ldm_key(), spec.ldm.seed,
                           build_fn=lambda: train_source_ldm(spec.ldm, vae, text, progress),
                           save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
     text.save()
