@@ -165,8 +165,17 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
         if goal <= 0:
             return "The source model scores 0, so '90% of the source' is no target.", "inconclusive"
         if np.isnan(n_conv) or n_conv == 0:
-            return (f"Neither run reached 90% of the source's toy-GenEval ({goal:.3f}) within {horizon} steps "
-                    f"(final: converted {_ms(t, t.index[0])}, scratch {_ms(t, t.index[1])}).", "inconclusive")
+            found = (f"Neither run reached 90% of the source's toy-GenEval ({goal:.3f}) within {horizon} steps "
+                     f"(final: converted {_ms(t, t.index[0])}, scratch {_ms(t, t.index[1])}).")
+            # A weaker but measurable form of the claim: steps the converted init needs to match what
+            # training from scratch reached at the end of its budget.
+            level = float(t.loc[t.index[1], "geneval mean"])
+            reach = steps_to_reach(curves[curves.variant == t.index[0]], level).steps.mean()
+            if level > 0 and not np.isnan(reach) and reach > 0:
+                found += (f" The converted init matched scratch's final score ({level:.3f}) after {reach:.0f} "
+                          f"steps: ≥ {horizon / reach:.1f}× fewer.")
+                return found, f"inconclusive on the 90% goal; in direction, transfer is ≥ {horizon / reach:.1f}× faster"
+            return found, "inconclusive"
         if scratch.steps.isna().any():
             ratio = horizon / n_conv
             found = (f"The converted model reached 90% of the source ({goal:.3f}) after {n_conv:.0f} steps on "
@@ -176,8 +185,12 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
         else:
             ratio = n_scr / n_conv
             found = f"Steps to 90% of the source: converted {n_conv:.0f}, scratch {n_scr:.0f}: ratio {ratio:.1f}×."
-        return found, ("agrees (≥ 10×)" if ratio >= 10 else f"agrees in direction, below the 10× goal ({ratio:.1f}×)"
-                       if ratio > 1 else "disagrees")
+        lower_bound = bool(scratch.steps.isna().any())  # scratch never got there: the true ratio is larger
+        if ratio >= 10:
+            return found, "agrees (≥ 10×)"
+        if ratio > 1 or lower_bound:
+            return found, f"agrees in direction; {'≥ ' if lower_bound else ''}{ratio:.1f}× measured (goal 10×)"
+        return found, "disagrees"
     found = "Final toy-GenEval (mean ± std over seeds): " + "; ".join(f"{v} {_ms(t, v)}" for v in t.index) + "."
     if exp.name in ("freeze_policy", "data_source"):
         others = [v for v in t.index if v != default]
@@ -187,7 +200,10 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
             return found, f"agrees: {default} beats every alternative by more than the seed spread"
         if best == default:
             return found, f"agrees in direction: {default} is best, but within the seed spread of {', '.join(ties)}"
-        return found, f"disagrees: {best} beats {default}"
+        if margin(best, default) <= noise(best, default):
+            return found, (f"inconclusive: {best} scores higher than {default} by {margin(best, default):.3f}, "
+                           f"within the seed spread ({noise(best, default):.3f})")
+        return found, f"disagrees: {best} beats {default} by more than the seed spread"
     if exp.name == "data_quantity":
         g = t["geneval mean"].values
         if len(g) >= 3:

@@ -1,0 +1,55 @@
+"""The ablation verdicts are computed from the runs: check them on hand-made curves."""
+import pandas as pd
+
+from l2p.toyworld.ablations import final_table, get_experiment, steps_to_reach, variant_config, verdict
+
+
+def curves(finals: dict, steps=(0, 100, 200, 300)) -> pd.DataFrame:
+    """Linear learning curves ending at each (variant → per-seed final scores)."""
+    rows = []
+    for v, per_seed in finals.items():
+        for seed, end in enumerate(per_seed):
+            for s in steps:
+                rows.append({"variant": v, "seed": seed, "step": s, "geneval": end * s / steps[-1], "fid": 1.0,
+                             "spectral": 1.0, "final_loss": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_final_table_and_steps_to_reach():
+    c = curves({"a": [0.3, 0.5, 0.4], "b": [0.1, 0.1, 0.1]})
+    t = final_table(c)
+    assert list(t.index) == ["a", "b"] and abs(t.loc["a", "geneval mean"] - 0.4) < 1e-12 and t.loc["a", "seeds"] == 3
+    st = steps_to_reach(c, 0.15)
+    assert st[st.variant == "a"].steps.tolist() == [200.0, 100.0, 200.0] and st[st.variant == "b"].steps.isna().all()
+
+
+def test_freeze_verdict_separates_ties_from_losses():
+    exp = get_experiment("freeze_policy")
+    names = list(exp.variants)
+    tie = curves({names[0]: [0.10, 0.12, 0.08], names[1]: [0.13, 0.07, 0.11], names[2]: [0.05] * 3,
+                  names[3]: [0.05] * 3})
+    assert verdict(exp, tie, 0.5)[1].startswith("inconclusive")
+    loss = curves({names[0]: [0.10, 0.11, 0.09], names[1]: [0.30, 0.31, 0.29], names[2]: [0.05] * 3,
+                   names[3]: [0.05] * 3})
+    assert verdict(exp, loss, 0.5)[1].startswith("disagrees")
+    win = curves({names[0]: [0.30, 0.31, 0.29], names[1]: [0.10] * 3, names[2]: [0.05] * 3, names[3]: [0.05] * 3})
+    assert verdict(exp, win, 0.5)[1].startswith("agrees")
+
+
+def test_transfer_verdict_without_reaching_the_goal_measures_the_speed_up():
+    exp = get_experiment("transfer")
+    c = curves({"converted init": [0.3, 0.3, 0.3], "from scratch": [0.09, 0.09, 0.09]})
+    found, agrees = verdict(exp, c, source_geneval=1.0)  # 90% of 1.0 is out of reach
+    assert "matched scratch's final score" in found and "≥ 3.0× faster" in agrees
+    c2 = curves({"converted init": [0.95, 0.95, 0.95], "from scratch": [0.5, 0.5, 0.5]})
+    found2, agrees2 = verdict(exp, c2, source_geneval=1.0)  # converted reaches 0.9 at step 300, scratch never
+    assert "did not reach it" in found2 and agrees2.startswith("agrees in direction")
+
+
+def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
+    exp = get_experiment("noise_shift_highres")
+    smoke = variant_config(exp, exp.variants["shift 12"], "smoke", 0)
+    assert smoke.steps == 2 and smoke.shift == 12 and smoke.image_size == 128
+    base = [variant_config(get_experiment(n), {}, "full", 1) for n in ("transfer", "freeze_policy", "data_source",
+                                                                        "embedder_init")]
+    assert all(b == base[0] for b in base)  # one cached baseline run per seed serves four experiments
