@@ -53,3 +53,11 @@ def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
     base = [variant_config(get_experiment(n), {}, "full", 1) for n in ("transfer", "freeze_policy", "data_source",
                                                                         "embedder_init")]
     assert all(b == base[0] for b in base)  # one cached baseline run per seed serves four experiments
+
+
+def test_noise_shift_verdict_needs_a_clear_winner():
+    exp = get_experiment("noise_shift_highres")
+    clear = curves({"shift 1": [0.1] * 3, "shift 3": [0.2] * 3, "shift 12": [0.4, 0.41, 0.39]})
+    assert verdict(exp, clear, 0.5)[1].startswith("agrees")
+    tie = curves({"shift 1": [0.1] * 3, "shift 3": [0.3, 0.2, 0.25], "shift 12": [0.24, 0.31, 0.2]})
+    assert verdict(exp, tie, 0.5)[1].startswith("inconclusive")

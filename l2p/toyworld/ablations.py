@@ -214,6 +214,9 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
         return found, "inconclusive"
     if exp.name == "noise_shift_highres":
         best_shift = float(best.split()[-1])
+        ties = [v for v in t.index if v != best and abs(margin(best, v)) <= noise(best, v)]
+        if ties:
+            return found, f"inconclusive: {best} is within the seed spread of {', '.join(ties)}"
         return found, ("agrees: a shift above the 1K default of 3 is best" if best_shift > 3 else
                        f"disagrees: the best shift here is {best_shift:g}")
     return found, f"no claim in the paper; best here: {best}"
