@@ -127,7 +127,8 @@ def train_vae(cfg: Union[str, VAETrainConfig] = "full", progress: bool = True) -
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen) if cfg.sample_posterior \
                 else post.mean
             rec = vae.decode(z).sample.float()
-        post = type(post)(post.parameters.float())  # the KL in fp32
+        if cfg.mixed_precision == "bf16":
+            post = type(post)(post.parameters.float())  # the KL in fp32
         err = (rec - x).abs()
         if cfg.object_weight:
             w = 1 + cfg.object_weight * object_weights(scenes, x.shape[-1])
