@@ -11,6 +11,8 @@ from typing import Optional
 
 ADALN_EMBED_DIM = 256  # width of the timestep embedding fed to every adaLN Linear
 SEQ_MULTI_OF = 32  # image and caption tokens are each padded to a multiple of this
+X_PRED_SIGMA_MIN = 0.05  # x-prediction divides by σ; clamp it as JiT does so the last steps stay finite
+PREDICTIONS = ("velocity", "x")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,14 @@ class DetailerConfig:
 
     channels: tuple[int, ...] = (64, 128, 256, 512)  # encoder widths, one per level (depth = len)
     out_channels: int = 3
+    # What out_conv's output means. "velocity": the release (≈ x0 − ε, like the latent final layer).
+    # "x": the clean image x̂0, turned into the same x0 − ε output as (x̂0 − x_σ)/σ (JiT's reparametrisation;
+    # not in the paper). The model's output contract, loss and samplers are the same for both.
+    prediction: str = "velocity"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"Detailer Head prediction {self.prediction!r}: expected one of {PREDICTIONS}")
 
     @property
     def depth(self) -> int:

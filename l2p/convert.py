@@ -17,7 +17,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -420,6 +420,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="RGB patch embedders (e.g. 16 64)")
     p.add_argument("--detailer-channels", type=int, nargs="+", default=None, metavar="C",
                    help="Detailer Head widths (default: 64 128 256 512 for patch 16)")
+    p.add_argument("--prediction", choices=["velocity", "x"], default="velocity",
+                   help="what the Detailer Head predicts: velocity (the release) or x (the clean image, JiT); "
+                        "stored in the file's l2p_config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")
     p.add_argument("--overwrite", action="store_true")
@@ -435,6 +438,8 @@ def run_convert(a: argparse.Namespace) -> int:
     if a.sample_images:
         images = list(load_sample_images(a.sample_images, a.image_size))
     detailer = DetailerConfig(channels=tuple(a.detailer_channels)) if a.detailer_channels else None
+    if a.prediction != "velocity":
+        detailer = replace(detailer or DetailerConfig.for_patch(a.patch_sizes[0]), prediction=a.prediction)
     try:
         report = convert(a.latent_ckpt_files, a.output_path, patch_sizes=tuple(a.patch_sizes), detailer=detailer,
                          init=a.init, out_dtype=a.dtype, seed=a.seed, max_shard_bytes=parse_size(a.max_shard_size),

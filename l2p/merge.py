@@ -80,6 +80,8 @@ def merge(trained_path, init_path, output_path, *, remove_prefix: str = "pipe.di
         plan = [(k, r.dtype(rk), r.shape(rk)) for k, (r, rk, _) in sources.items()]
         metadata = {**b.metadata, "l2p_merge": json.dumps({"trained": [f.name for f in a.files],
                                                            "init": [f.name for f in b.files]})}
+        if "l2p_config" in a.metadata and not mismatched:  # the trained model's own config (e.g. its head's prediction) wins
+            metadata["l2p_config"] = a.metadata["l2p_config"]
         report = MergeReport(trained_files=[str(f) for f in a.files], init_files=[str(f) for f in b.files],
                              removed_prefix=remove_prefix)
         with StreamingWriter(output_path, plan, parse_size(max_shard_bytes), metadata, overwrite) as w:

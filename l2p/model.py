@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .config import DetailerConfig, DiTConfig, get_config
+from .config import X_PRED_SIGMA_MIN, DetailerConfig, DiTConfig, get_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +412,7 @@ class ZImageDiT(nn.Module):
             ht, wt = grids[0]
             maps = h[:, : n_real[0]].transpose(1, 2).reshape(len(xs), cfg.dim, ht, wt)
             if cfg.is_pixel:
-                out = self.local_decoder(xb, maps)
+                out = self._head_output(self.local_decoder(xb, maps), xb, t)
             else:
                 tok = self.all_final_layer[f"{p}-1"](h[:, : n_real[0]], temb)
                 out = tok.reshape(len(xs), ht, wt, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(xb.shape)
@@ -420,7 +420,8 @@ class ZImageDiT(nn.Module):
         else:
             feats = [h[i, : n_real[i]].T.reshape(cfg.dim, *grids[i]) for i in range(len(xs))]
             if cfg.is_pixel:
-                out = [self.local_decoder(xi[None].to(dtype), f[None])[0] for xi, f in zip(xs, feats)]
+                out = [self._head_output(self.local_decoder(xi[None].to(dtype), f[None]), xi[None].to(dtype),
+                                         t[i : i + 1])[0] for i, (xi, f) in enumerate(zip(xs, feats))]
             else:
                 fl = self.all_final_layer[f"{p}-1"]
                 out = [unpatchify(fl(h[i : i + 1, : n_real[i]], temb[i : i + 1])[0], p, cfg.in_channels,
@@ -428,6 +429,14 @@ class ZImageDiT(nn.Module):
         if return_features:
             return out, {"features": feats, "grids": list(grids)}
         return out
+
+    def _head_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The head's output in the release's x0 − ε form, whatever the head predicts."""
+        if self.cfg.detailer.prediction == "velocity":
+            return out
+        # x-prediction: x0 − ε = −v = (x̂0 − x_σ)/σ with σ = 1 − t; in fp32, as σ can be small.
+        sigma = (1 - t.float()).clamp_min(X_PRED_SIGMA_MIN).reshape(-1, 1, 1, 1)
+        return ((out.float() - x.float()) / sigma).to(out.dtype)
 
     # -- loading -------------------------------------------------------------------------------
 

@@ -265,6 +265,8 @@ def latest_checkpoint(out_dir) -> Optional[int]:
 
 def _metadata(model: nn.Module, step: int) -> dict[str, str]:
     meta = {"step": str(step)}
+    if hasattr(model, "cfg") and hasattr(model.cfg, "to_dict"):  # what merge needs beyond the shapes
+        meta["l2p_config"] = json.dumps(model.cfg.to_dict())
     if hasattr(model, "l2p_lora"):
         meta["l2p_lora"] = json.dumps(model.l2p_lora)
     return meta

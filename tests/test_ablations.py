@@ -61,3 +61,25 @@ def test_noise_shift_verdict_needs_a_clear_winner():
     assert verdict(exp, clear, 0.5)[1].startswith("agrees")
     tie = curves({"shift 1": [0.1] * 3, "shift 3": [0.3, 0.2, 0.25], "shift 12": [0.24, 0.31, 0.2]})
     assert verdict(exp, tie, 0.5)[1].startswith("inconclusive")
+
+
+def test_finetune_keys_leave_late_options_out_at_their_defaults():
+    """Runs cached before `prediction`/`head_channels` existed keep their keys; setting either makes a new run."""
+    from l2p.toyworld.recipe import FinetuneConfig
+    base = FinetuneConfig()
+    assert "prediction" not in base.key() and "head_channels" not in base.key()
+    assert base.key() == {k: v for k, v in base.__dict__.items() if k not in ("prediction", "head_channels")}
+    assert FinetuneConfig(prediction="x").key()["prediction"] == "x"
+    assert FinetuneConfig(head_channels=(16, 32, 64, 64)).key()["head_channels"] == (16, 32, 64, 64)
+
+
+def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
+    exp = get_experiment("embedder_init")
+    a, b = list(exp.variants)
+    _, tie = verdict(exp, curves({a: [0.10, 0.12, 0.08], b: [0.11, 0.09, 0.13]}), 0.5)
+    assert "no variant beats" in tie and b in tie
+    _, win = verdict(exp, curves({a: [0.10, 0.11, 0.09], b: [0.30, 0.31, 0.29]}), 0.5)
+    assert win.endswith(f"{b} beats {a} by more than the seed spread")
+    head = get_experiment("detailer_head")
+    assert [variant_config(head, o, "full", 0).key().get("prediction") for o in head.variants.values()] == \
+        [None, None, "x"]

@@ -166,6 +166,20 @@ def test_round_trip_convert_train_merge(latent, converted, tmp_path):
     assert {r["dtype"] for r in m.rows} == {"BF16", "F32"}
 
 
+def test_merge_keeps_the_trained_models_config(converted, tmp_path):
+    """A step file's l2p_config (here: an x-prediction head trained from a velocity init) is what the merge keeps."""
+    from dataclasses import replace
+    init_path, report = converted
+    cfg = ZImageDiT.from_pretrained(init_path).cfg
+    assert cfg.detailer.prediction == "velocity"
+    x_cfg = cfg.replace(detailer=replace(cfg.detailer, prediction="x"))
+    key = "local_decoder.out_conv.bias"
+    atomic_save({key: load_file(init_path)[key] + 1}, tmp_path / "step-1.safetensors",
+                metadata={"l2p_config": json.dumps(x_cfg.to_dict())})
+    merge(tmp_path / "step-1.safetensors", init_path, tmp_path / "merged.safetensors", progress=False)
+    assert ZImageDiT.from_pretrained(tmp_path / "merged.safetensors").cfg == x_cfg
+
+
 def test_merge_shape_mismatch(converted, tmp_path):
     init_path, _ = converted
     atomic_save({"pipe.dit.x_pad_token": torch.zeros(1, 3), "pipe.dit.cap_pad_token": torch.zeros(1, 64)},
@@ -316,6 +330,14 @@ def test_cli_with_release_flags(latent, tmp_path, capsys):
     assert main_merge(["--file_a", str(tmp_path / "a.safetensors"), "--file_b", str(tmp_path / "p.safetensors"),
                        "--file_out", str(tmp_path / "m.safetensors")]) == 2
     assert "output exists" in capsys.readouterr().err
+
+
+def test_cli_prediction_is_stored_in_the_pixel_init(latent, tmp_path):
+    out = tmp_path / "x.safetensors"
+    assert main_convert(["--latent-ckpt-files", str(latent[-1]), "--output-path", str(out),
+                         "--detailer-channels", "8", "8", "16", "32", "--prediction", "x"]) == 0
+    cfg = ZImageDiT.from_pretrained(out).cfg
+    assert cfg.detailer.prediction == "x" and cfg.detailer.channels == (8, 8, 16, 32)
 
 
 def test_subparsers_register():

@@ -214,3 +214,43 @@ def test_detailer_depth_follows_config():
     assert not hasattr(m.local_decoder, "enc4")
     out = m(torch.randn(1, 3, 32, 40), torch.tensor([0.5]), [torch.randn(3, 32)])
     assert out.shape == (1, 3, 32, 40)
+
+
+def test_x_prediction_is_a_reparametrised_velocity_head():
+    """prediction="x": the head's output is x̂0, returned as (x̂0 − x_σ)/max(σ, 0.05), the release's x0 − ε form."""
+    from dataclasses import replace
+    from l2p.config import X_PRED_SIGMA_MIN
+    cfg_v = tiny_pixel()
+    m_v = random_model(cfg_v)
+    m_x = ZImageDiT(cfg_v.replace(detailer=replace(cfg_v.detailer, prediction="x")))
+    m_x.load_state_dict(m_v.state_dict())
+    x, t = torch.randn(3, 3, 32, 48), torch.tensor([0.0, 0.5, 0.99])  # σ = 1, 0.5, 0.01 (clamped)
+    caps = [torch.randn(4, cfg_v.cap_feat_dim)] * 3
+    with torch.no_grad():
+        head, out = m_v(x, t, caps), m_x(x, t, caps)
+        sigma = (1 - t).clamp_min(X_PRED_SIGMA_MIN).reshape(-1, 1, 1, 1)
+        assert torch.allclose(out, (head - x) / sigma, atol=1e-5)
+        # an Euler step to σ = 0 lands exactly on the head's x̂0 (σ ≥ the clamp)
+        assert torch.allclose(x[1] - 0.5 * -out[1], head[1], atol=1e-5)
+        # the mixed-size path applies the same per-item σ
+        listed = m_x([x[0], x[1][:, :16]], t[:2], caps[:2])
+        assert torch.allclose(listed[0], out[0], atol=1e-5)
+        alone = m_x(x[1][None, :, :16], t[1:2], caps[:1])[0]
+        assert torch.allclose(listed[1], alone, atol=1e-5)
+
+
+def test_detailer_prediction_is_validated_and_survives_a_checkpoint(tmp_path):
+    import json
+    from dataclasses import replace
+    from l2p.checkpoint import atomic_save
+    with pytest.raises(ValueError, match="prediction 'eps'"):
+        DetailerConfig(prediction="eps")
+    cfg = tiny_pixel()
+    cfg = cfg.replace(detailer=replace(cfg.detailer, prediction="x"))
+    m = random_model(cfg)
+    atomic_save(m.state_dict(), tmp_path / "m.safetensors", metadata={"l2p_config": json.dumps(cfg.to_dict())})
+    back = ZImageDiT.from_pretrained(tmp_path / "m.safetensors")
+    assert back.cfg.detailer.prediction == "x" and back.cfg == cfg
+    # without metadata the shapes cannot tell: the release's velocity head is assumed
+    atomic_save(m.state_dict(), tmp_path / "bare.safetensors")
+    assert ZImageDiT.from_pretrained(tmp_path / "bare.safetensors").cfg.detailer.prediction == "velocity"

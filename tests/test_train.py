@@ -289,6 +289,7 @@ def test_cli_train_then_merge(tiny_run, capsys):
     merged, base = read_state_dict(root / "merged.safetensors"), read_state_dict(init)
     assert merged.keys() == base.keys() and report.verified == len(base)
     assert all(torch.equal(merged[k], step.get(k, base[k])) for k in base)
+    assert ZImageDiT.from_pretrained(root / "merged.safetensors").cfg == ZImageDiT.from_pretrained(init).cfg
 
 
 def test_large_patch_path_trains_only_its_embedder():

@@ -56,6 +56,12 @@ EXPERIMENTS = [
                "Not in the paper (the release initialises the embedder randomly); our vae_fit init composes the "
                "latent embedder with a linear fit of the VAE encoder.",
                {"release (random)": {}, "vae_fit": {"init": "vae_fit"}}),
+    Experiment("detailer_head", "Is the toy Detailer Head too small, or predicting the wrong thing?",
+               "Not in the paper: the release's head (64 wide at full resolution) predicts velocity. The toy head "
+               "is 8 wide to keep CPU cost down; JiT (Li & He, 2025) argues pixel models should predict the clean "
+               "image. Both are tried here under the same v-loss.",
+               {"toy head (8 wide)": {}, "16 wide": {"head_channels": (16, 32, 64, 64)},
+                "x-prediction": {"prediction": "x"}}),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",
@@ -219,4 +225,8 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
             return found, f"inconclusive: {best} is within the seed spread of {', '.join(ties)}"
         return found, ("agrees: a shift above the 1K default of 3 is best" if best_shift > 3 else
                        f"disagrees: the best shift here is {best_shift:g}")
-    return found, f"no claim in the paper; best here: {best}"
+    if best == default or margin(best, default) <= noise(best, default):
+        return found, (f"no claim in the paper; no variant beats {default} by more than the seed spread"
+                       + ("" if best == default else f" ({best} is {margin(best, default):+.3f}, spread "
+                                                     f"{noise(best, default):.3f})"))
+    return found, f"no claim in the paper; {best} beats {default} by more than the seed spread"

@@ -40,9 +40,22 @@ class FinetuneConfig:
     eval_every: int = 250
     eval_prompts: int = 100
     seed: int = 0
+    prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release) or "x" (JiT, an option)
+    head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = TOY_DETAILER
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
+
+    def key(self) -> dict:
+        """The cache key: fields added later are left out at their defaults, so older runs stay valid."""
+        d = asdict(self)
+        for k, default in _LATE_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
+
+
+_LATE_FIELDS = {"prediction": "velocity", "head_channels": None}
 
 
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
@@ -86,15 +99,18 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
         rep.save_json(p / "report.json")
 
     key = {"world": world.spec.key(), "init": init, "patches": list(patch_sizes),
-           "detailer": asdict(detailer)}
+           "detailer": {"channels": list(detailer.channels), "out_channels": detailer.out_channels}}
     path = cached("toy_pixel_init", key, seed, build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
     return path / "pixel_init.safetensors"
 
 
 def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
     """The converted init, or the same architecture from scratch for the no-transfer baseline."""
-    path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,))
+    det = DetailerConfig(channels=tuple(cfg.head_channels or TOY_DETAILER.channels), prediction=cfg.prediction)
+    path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
+                      detailer=DetailerConfig(channels=det.channels))
     model = ZImageDiT.from_pretrained(path)
+    model.cfg = model.cfg.replace(detailer=det)  # what the head predicts does not change its weights
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
         model = ZImageDiT(model.cfg).init_for_training_from_scratch(torch.Generator().manual_seed(cfg.seed))
@@ -184,5 +200,5 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
                            pd.read_csv(p / "evals.csv"), p, torch.load(p / "samples.pt"))
 
-    key = {"world": world.spec.key(), **asdict(cfg)}
+    key = {"world": world.spec.key(), **cfg.key()}
     return cached("toy_finetune", key, cfg.seed, build_fn=build, save_fn=save, load_fn=load)
