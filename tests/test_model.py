@@ -254,3 +254,37 @@ def test_detailer_prediction_is_validated_and_survives_a_checkpoint(tmp_path):
     # without metadata the shapes cannot tell: the release's velocity head is assumed
     atomic_save(m.state_dict(), tmp_path / "bare.safetensors")
     assert ZImageDiT.from_pretrained(tmp_path / "bare.safetensors").cfg.detailer.prediction == "velocity"
+
+
+def test_channels_last_head_on_cpu_changes_only_rounding():
+    """The CPU fast path (channels-last convs) gives the NCHW outputs and gradients up to fp32 rounding."""
+    from l2p.model import DetailerHead
+    m = random_model(tiny_pixel())
+    x, t, caps = torch.randn(2, 3, 32, 48), torch.tensor([0.2, 0.7]), [torch.randn(4, 32)] * 2
+    res = {}
+    try:
+        for cl in (False, True):
+            DetailerHead.cpu_channels_last = cl
+            m.zero_grad()
+            out = m(x, t, caps)
+            out.pow(2).mean().backward()
+            res[cl] = (out.detach(), m.local_decoder.enc1[0].weight.grad.clone())
+            assert out.is_contiguous()
+    finally:
+        DetailerHead.cpu_channels_last = True
+    assert torch.allclose(res[True][0], res[False][0], atol=1e-5) and res[True][0].shape == x.shape
+    assert torch.allclose(res[True][1], res[False][1], atol=1e-5, rtol=1e-4)
+
+
+def test_head_layout_bench_runs(capsys):
+    import runpy, sys
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_head_layout.py"
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [str(bench), "--batch", "2", "--size", "32", "--reps", "1", "--threads", "1"]
+    try:
+        runpy.run_path(str(bench), run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "chan-last" in out and "max |output difference|" in out
