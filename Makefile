@@ -27,6 +27,7 @@ bench: $(PY)
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_convert.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_head_layout.py
 	$(PY) bench/bench_toyworld.py
 
 clean-cache:

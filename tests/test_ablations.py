@@ -67,8 +67,10 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     """Runs cached before `prediction`/`head_channels` existed keep their keys; setting either makes a new run."""
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
-    assert "prediction" not in base.key() and "head_channels" not in base.key()
-    assert base.key() == {k: v for k, v in base.__dict__.items() if k not in ("prediction", "head_channels")}
+    late = ("prediction", "head_channels", "ema_decay")
+    assert not set(late) & set(base.key())
+    assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
+    assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
     assert FinetuneConfig(prediction="x").key()["prediction"] == "x"
     assert FinetuneConfig(head_channels=(16, 32, 64, 64)).key()["head_channels"] == (16, 32, 64, 64)
 
@@ -83,3 +85,18 @@ def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
     head = get_experiment("detailer_head")
     assert [variant_config(head, o, "full", 0).key().get("prediction") for o in head.variants.values()] == \
         [None, None, "x"]
+
+
+def test_ema_run_reports_the_averaged_weights_at_the_end():
+    """With ema_decay the final evaluation (and the saved model) are the averaged weights, not the raw ones."""
+    import torch
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    cfg = FINETUNE_MODES["smoke"]
+    raw, ema = finetune(world, cfg, progress=False), finetune(world, cfg.replace(ema_decay=0.5), progress=False)
+    assert raw.path != ema.path and list(ema.evals.step) == list(raw.evals.step)
+    same_until_end = ema.evals.iloc[:-1].reset_index(drop=True).equals(raw.evals.iloc[:-1].reset_index(drop=True))
+    assert same_until_end  # identical training; only the last evaluation sees other weights
+    w = "local_decoder.out_conv.weight"
+    assert not torch.equal(raw.model.state_dict()[w], ema.model.state_dict()[w])

@@ -42,6 +42,7 @@ class FinetuneConfig:
     seed: int = 0
     prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release) or "x" (JiT, an option)
     head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = TOY_DETAILER
+    ema_decay: Optional[float] = None  # evaluate an exponential moving average of the weights at the end
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
@@ -55,7 +56,7 @@ class FinetuneConfig:
         return d
 
 
-_LATE_FIELDS = {"prediction": "velocity", "head_channels": None}
+_LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None}
 
 
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
@@ -181,8 +182,10 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup,
                            policy="full" if cfg.init == "scratch" else cfg.policy, n_keep=cfg.n, shift=cfg.shift,
                            seeded_noise=True, eval_every=cfg.eval_every, seed=cfg.seed, verbose=progress,
-                           log_every=25)
+                           log_every=25, ema_decay=cfg.ema_decay)
         history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn)
+        if cfg.ema_decay and evals and evals[-1]["step"] == cfg.steps:
+            evals.pop()  # that one saw the raw weights; train() has since loaded the average
         if not evals or evals[-1]["step"] != cfg.steps:
             eval_fn(model, cfg.steps)
         return model, history, pd.DataFrame(evals), samples
