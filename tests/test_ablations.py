@@ -50,9 +50,16 @@ def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
     exp = get_experiment("noise_shift_highres")
     smoke = variant_config(exp, exp.variants["shift 12"], "smoke", 0)
     assert smoke.steps == 2 and smoke.shift == 12 and smoke.image_size == 128
-    base = [variant_config(get_experiment(n), {}, "full", 1) for n in ("transfer", "freeze_policy", "data_source",
-                                                                        "embedder_init")]
+    base = [variant_config(get_experiment(n), {}, "full", 1) for n in ("freeze_policy", "data_source",
+                                                                        "embedder_init", "detailer_head")]
     assert all(b == base[0] for b in base)  # one cached baseline run per seed serves four experiments
+    # transfer runs at notebook 03's budget, so its seed-0 runs are 03's own runs
+    from l2p.toyworld.recipe import FINETUNE_MODES
+    transfer = get_experiment("transfer")
+    assert variant_config(transfer, {}, "full", 0) == FINETUNE_MODES["full"]
+    assert variant_config(transfer, {"init": "scratch"}, "full", 0) == FINETUNE_MODES["full"].replace(init="scratch")
+    small = variant_config(transfer, {}, "smoke", 0)
+    assert small.steps == 2 and small.batch_size == 4 and small.eval_prompts == 8
 
 
 def test_noise_shift_verdict_needs_a_clear_winner():

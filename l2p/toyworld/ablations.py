@@ -38,7 +38,9 @@ EXPERIMENTS = [
     Experiment("transfer", "Does the latent model's knowledge transfer, or is the pixel model learning from scratch?",
                "Transfer from the latent model reaches the source's quality with far less compute than training the "
                "same pixel architecture from scratch (the paper's efficiency argument).",
-               {"converted init": {}, "from scratch": {"init": "scratch"}}),
+               {"converted init": {}, "from scratch": {"init": "scratch"}},
+               # at notebook 03's budget (its seed-0 runs are shared): at 300 steps both sit near the floor
+               {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100}),
     Experiment("freeze_policy", "Which parts must train?",
                "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
                "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
@@ -80,7 +82,8 @@ def get_experiment(name: str) -> Experiment:
 def variant_config(exp: Experiment, overrides: dict, mode: str, seed: int) -> FinetuneConfig:
     base = ABLATION_BASE[mode]
     if mode == "smoke":  # keep smoke runs tiny whatever the experiment asks for
-        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in ("steps", "eval_every", "corpus_size")}
+        budget = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")
+        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in budget}
     else:
         extra = {**exp.base, **overrides}
     return base.replace(**extra, seed=seed)
