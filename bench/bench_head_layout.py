@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from l2p.config import TOY_DETAILER, toy_pixel
+from l2p.config import TOY_DETAILER, DetailerConfig, toy_pixel
 from l2p.model import DetailerHead, ZImageDiT
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = toy_pixel().replace(detailer=TOY_DETAILER.__class__(channels=tuple(a.channels)))
+    cfg = toy_pixel().replace(detailer=DetailerConfig(channels=tuple(a.channels)))
     model = ZImageDiT(cfg)
     x = torch.randn(a.batch, 3, a.size, a.size)
     t = torch.rand(a.batch)

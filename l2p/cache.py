@@ -54,6 +54,13 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def without_late_defaults(config: Any, late: dict) -> dict:
+    """A dataclass as a key dict, leaving out fields added later while they hold their defaults (`late`:
+    name → default), so cache keys written before those fields existed stay valid."""
+    d = dataclasses.asdict(config)
+    return {k: v for k, v in d.items() if not (k in late and v == late[k])}
+
+
 def key_for(name: str, config: Any, seed: int, version: Optional[str] = None) -> str:
     """`<name>-<16 hex>`: a stable hash of the canonical JSON of (name, config, seed, version)."""
     payload = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string()}

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -649,10 +649,9 @@ def infer_config(shapes: dict[str, Sequence[int]], base: Optional[DiTConfig] = N
         depth = len({i for k in shapes if (m := re.match(r"local_decoder\.enc(\d+)\.0\.weight$", k))
                      for i in [int(m.group(1))]})
         channels = tuple(need(f"local_decoder.enc{i}.0.weight")[0] for i in range(1, depth + 1))
-        # What the head predicts leaves no trace in the shapes: it comes from the metadata (base) when there is one.
-        prediction = base.detailer.prediction if base is not None and base.detailer is not None else "velocity"
-        detailer = DetailerConfig(channels=channels, out_channels=need("local_decoder.out_conv.weight")[0],
-                                  prediction=prediction)
+        # Fields the shapes cannot show (what the head predicts) come from the metadata (base) when there is one.
+        known = base.detailer if base is not None and base.detailer is not None else DetailerConfig()
+        detailer = replace(known, channels=channels, out_channels=need("local_decoder.out_conv.weight")[0])
 
     base = base or (l2p_1k() if detailer else z_image_turbo())
     q_norm = shapes.get("layers.0.attention.norm_q.weight")

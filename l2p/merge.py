@@ -80,7 +80,8 @@ def merge(trained_path, init_path, output_path, *, remove_prefix: str = "pipe.di
         plan = [(k, r.dtype(rk), r.shape(rk)) for k, (r, rk, _) in sources.items()]
         metadata = {**b.metadata, "l2p_merge": json.dumps({"trained": [f.name for f in a.files],
                                                            "init": [f.name for f in b.files]})}
-        if "l2p_config" in a.metadata and not mismatched:  # the trained model's own config (e.g. its head's prediction) wins
+        # The trained model's own config wins (e.g. what its head predicts), unless shapes were mismatched.
+        if "l2p_config" in a.metadata and not mismatched:
             metadata["l2p_config"] = a.metadata["l2p_config"]
         report = MergeReport(trained_files=[str(f) for f in a.files], init_files=[str(f) for f in b.files],
                              removed_prefix=remove_prefix)

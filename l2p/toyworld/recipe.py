@@ -7,14 +7,14 @@ what changed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 import torch
 
-from ..cache import cached
+from ..cache import cached, without_late_defaults
 from ..config import TOY_DETAILER, DetailerConfig
 from ..model import ZImageDiT
 from ..train import TrainConfig, train
@@ -49,11 +49,7 @@ class FinetuneConfig:
 
     def key(self) -> dict:
         """The cache key: fields added later are left out at their defaults, so older runs stay valid."""
-        d = asdict(self)
-        for k, default in _LATE_FIELDS.items():
-            if d[k] == default:
-                del d[k]
-        return d
+        return without_late_defaults(self, _LATE_FIELDS)
 
 
 _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None}

@@ -7,7 +7,7 @@ The stride-8 bottleneck is the point: it cannot carry the toy world's 3–5 px b
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from ..cache import without_late_defaults
 from .scenes import ToyWorldConfig, generate, object_mask, to_tensor
 
 
@@ -55,11 +56,7 @@ class VAETrainConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, default in _LATE_FIELDS.items():  # added later: left out at their defaults, older cache keys stay valid
-            if d[k] == default:
-                del d[k]
-        return d
+        return without_late_defaults(self, _LATE_FIELDS)
 
     def replace(self, **kw) -> "VAETrainConfig":
         return replace(self, **kw)
