@@ -56,6 +56,7 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    lr_decay: str = "constant"  # after warmup: "constant" (the release) or "cosine" (to 0 at the last step)
     grad_accum: int = 1
     grad_clip: Optional[float] = None  # the release does not clip; the norm is logged either way
     policy: str = "paper"  # see l2p.freeze
@@ -87,7 +88,7 @@ class TrainConfig:
 # Changing these between a checkpoint and its resume would silently change the run.
 _RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "policy", "n_keep", "include", "exclude", "lora_rank",
                   "lora_alpha", "lora_blocks", "lora_train_head", "shift", "num_train_timesteps", "seeded_noise",
-                  "patch_size")
+                  "patch_size", "lr_decay")
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec")
 
 
@@ -304,8 +305,9 @@ def _check_resume(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume with settings that would make a different run than the one saved."""
     now = asdict(cfg)
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _RESUME_FIELDS
-            if norm(saved.get(k)) != norm(now[k])]
+    fields = _RESUME_FIELDS + (("steps",) if cfg.lr_decay != "constant" else ())  # the decay ends at `steps`
+    was = lambda k: saved.get(k, TrainConfig.__dataclass_fields__[k].default)  # noqa: E731  (older states)
+    diff = [f"{k}: saved {was(k)!r}, now {now[k]!r}" for k in fields if norm(was(k)) != norm(now[k])]
     if diff:
         raise ValueError(f"{path} was written with other settings ({'; '.join(diff)}); "
                          f"use another output folder or the same settings")
@@ -342,8 +344,18 @@ def _append_csv(path: Path, row: dict, columns: Sequence[str]) -> None:
 #                                         The loop
 # ----------------------------------------------------------------------------------------------
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+def _lr_lambda(warmup: int, decay: str = "constant", steps: int = 0):
+    """Linear warmup, then constant or a cosine to 0 at `steps`."""
+    if decay not in ("constant", "cosine"):
+        raise ValueError(f"lr_decay {decay!r}: 'constant' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if decay == "cosine" and steps > warmup:
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (steps - warmup))))
+        return 1.0
+    return factor
 
 
 def _noise(x0, seeds, gen: torch.Generator, seeded: bool) -> list[torch.Tensor]:
@@ -389,7 +401,7 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
         raise ValueError(f"policy {summary.policy!r} leaves nothing to train")
     encode = _encoder(encode, cfg, dataset)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.lr_decay, cfg.steps))
     # EMA starts at zero and is bias-corrected when read (as Adam's moments): started from the init
     # weights instead, a short run's average keeps d^T of the init (22% after 1500 steps at 0.999).
     ema = ({n: torch.zeros_like(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
@@ -423,6 +435,7 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
     batches = iter(loader)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.verbose and acc.is_main_process))
+    evaluating = eval_fn is not None and cfg.eval_every > 0 and acc.is_main_process
     for step in bar:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
@@ -472,7 +485,8 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
                         ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
         row = {"step": step + 1, "loss": total.item(), "lr": lr, "grad_norm": gnorm.item(),
                "sec": time.perf_counter() - t0}
-        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and acc.is_main_process:
+        last_with_ema = ema is not None and step + 1 == cfg.steps  # evaluated below, on the averaged weights
+        if evaluating and (step + 1) % cfg.eval_every == 0 and not last_with_ema:
             model.eval()
             with torch.no_grad():
                 row.update(eval_fn(acc.unwrap_model(model), step + 1))
@@ -496,6 +510,12 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
         with torch.no_grad():
             for n, t in ema_weights(ema, cfg.ema_decay, cfg.steps).items():
                 params[n].copy_(t)
+        if evaluating and cfg.steps % cfg.eval_every == 0 and history and history[-1]["step"] == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                history[-1].update(eval_fn(model, cfg.steps))
+            if out is not None:
+                _write_logs(out, history, loss=False)
     model.eval()
     return pd.DataFrame(history)
 
@@ -529,6 +549,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="per process")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--lr-decay", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant (the release) or a cosine to 0 at the last step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (the release)")
     p.add_argument("--policy", default="paper", help="paper, full, head-only, embedder+head, custom")
@@ -546,6 +568,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="train on the usable rows; the bad ones are listed in OUT/skipped_rows.csv")
     p.add_argument("--seeded-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="ε from each row's seed, the same every epoch (the release)")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="fraction of captions replaced by the empty prompt (the release: 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--save-every", type=int, default=5000)
@@ -594,10 +618,12 @@ def run_train(a: argparse.Namespace) -> int:
         print(f"l2p train: error: the model takes {model.cfg.cap_feat_dim}-d captions but the text encoder "
               f"gives {encoder.dim}-d", file=sys.stderr)
         return 2
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, grad_accum=a.grad_accum,
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, lr_decay=a.lr_decay,
+                      grad_accum=a.grad_accum,
                       grad_clip=a.clip or None, policy=a.policy, n_keep=a.n, include=a.include, exclude=a.exclude,
                       lora_rank=a.lora_rank, lora_blocks=a.lora_blocks, lora_train_head=a.lora_train_head,
-                      shift=a.shift, patch_size=a.patch_size, seeded_noise=a.seeded_noise, mixed_precision="bf16" if a.bf16 else "no",
+                      shift=a.shift, patch_size=a.patch_size, seeded_noise=a.seeded_noise,
+                      caption_dropout=a.caption_dropout, mixed_precision="bf16" if a.bf16 else "no",
                       gradient_checkpointing=a.grad_ckpt, offload_text_encoder=a.offload_text_encoder,
                       num_workers=a.workers, save_every=a.save_every, seed=a.seed)
     try:

@@ -58,6 +58,11 @@ def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
     transfer = get_experiment("transfer")
     assert variant_config(transfer, {}, "full", 0) == FINETUNE_MODES["full"]
     assert variant_config(transfer, {"init": "scratch"}, "full", 0) == FINETUNE_MODES["full"].replace(init="scratch")
+    choices = get_experiment("training_choices")
+    for seed in (0, 1, 2):  # its baseline is transfer's converted run, seed for seed
+        assert variant_config(choices, {}, "full", seed) == variant_config(transfer, {}, "full", seed)
+    fresh = variant_config(choices, choices.variants["fresh ε every step"], "full", 0)
+    assert fresh == FINETUNE_MODES["full"].replace(seeded_noise=False) and fresh.key()["seeded_noise"] is False
     small = variant_config(transfer, {}, "smoke", 0)
     assert small.steps == 2 and small.batch_size == 4 and small.eval_prompts == 8
 
@@ -71,15 +76,16 @@ def test_noise_shift_verdict_needs_a_clear_winner():
 
 
 def test_finetune_keys_leave_late_options_out_at_their_defaults():
-    """Runs cached before `prediction`/`head_channels` existed keep their keys; setting either makes a new run."""
+    """Runs cached before the late options existed keep their keys; setting one makes a new run."""
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
-    late = ("prediction", "head_channels", "ema_decay")
+    late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
     assert FinetuneConfig(prediction="x").key()["prediction"] == "x"
     assert FinetuneConfig(head_channels=(16, 32, 64, 64)).key()["head_channels"] == (16, 32, 64, 64)
+    assert FinetuneConfig(caption_dropout=0.1).key()["caption_dropout"] == 0.1
 
 
 def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
@@ -107,3 +113,18 @@ def test_ema_run_reports_the_averaged_weights_at_the_end():
     assert same_until_end  # identical training; only the last evaluation sees other weights
     w = "local_decoder.out_conv.weight"
     assert not torch.equal(raw.model.state_dict()[w], ema.model.state_dict()[w])
+
+
+def test_training_choices_reach_the_training_loop():
+    """Fresh noise and caption dropout each change what the run learns (and its cache entry)."""
+    import torch
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    cfg = FINETUNE_MODES["smoke"]
+    runs = [finetune(world, c, progress=False) for c in (cfg, cfg.replace(seeded_noise=False),
+                                                          cfg.replace(caption_dropout=0.5))]
+    assert len({r.path for r in runs}) == 3
+    w = "local_decoder.out_conv.weight"
+    base = runs[0].model.state_dict()[w]
+    assert all(not torch.equal(base, r.model.state_dict()[w]) for r in runs[1:])

@@ -393,3 +393,16 @@ def test_bench_toyworld_smoke_reports_every_piece(tmp_path, monkeypatch):
     pieces = res["smoke"]["build"]["pieces_s"]
     assert len(pieces) == 5 and all(v == v and v >= 0 for v in pieces.values())  # no NaN: all were built here
     assert res["smoke"]["build"]["total_s"] == pytest.approx(sum(v for k, v in pieces.items() if k != "total"))
+
+
+def test_accuracy_by_size_groups_prompts_by_their_objects():
+    import pandas as pd
+    prompts = sc.prompt_set(60, 0)
+    sizes = [{o.size for o in p.scene.objects} for p in prompts]
+    label = [s.pop() if len(s) == 1 else "mixed" for s in sizes]
+    df = pd.DataFrame({"index": range(60), "shape": [x == "large" for x in label], "correct": [True] * 60})
+    df = df.iloc[::-1]  # rows are matched to prompts by `index`, not by position
+    t = Evaluator.accuracy_by_size(df, prompts)
+    assert t.n.sum() == 60 and {"large", "small"} <= set(t.index)
+    assert t.loc["large", "shape"] == 1.0 and t.loc["small", "shape"] == 0.0
+    assert t.n.to_dict() == pd.Series(label).value_counts().to_dict()

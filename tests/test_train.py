@@ -180,6 +180,43 @@ def test_resume_after_kill_is_bit_identical(tmp_path, monkeypatch):
         train(make_model(), ToyData(), fake_encoder(), quiet(steps=9, **{**cfg, "batch_size": 1}), out_dir=out)
 
 
+def test_with_ema_the_last_evaluation_sees_the_averaged_weights(tmp_path):
+    """Evaluations before the end see the raw weights; the one at the last step sees the average, once."""
+    seen = []
+
+    def eval_fn(m, step):
+        seen.append((step, m.local_decoder.out_conv.weight.detach().clone()))
+        return {"probe": float(step)}
+
+    model = make_model()
+    hist = train(model, ToyData(), fake_encoder(), quiet(steps=4, batch_size=2, ema_decay=0.5, eval_every=2),
+                 out_dir=tmp_path, eval_fn=eval_fn)
+    assert [s for s, _ in seen] == [2, 4]
+    ema = read_state_dict(tmp_path / "ema-4.safetensors")["local_decoder.out_conv.weight"]
+    raw = read_state_dict(tmp_path / "step-4.safetensors")["local_decoder.out_conv.weight"]
+    assert torch.equal(seen[-1][1], ema) and not torch.equal(ema, raw)
+    assert hist.probe.dropna().tolist() == [2.0, 4.0]
+    assert (tmp_path / "eval.csv").read_text().splitlines()[-1].startswith("4,")
+
+
+def test_cosine_decay_warms_up_then_reaches_zero_and_pins_the_run_length(tmp_path):
+    from l2p.train import _lr_lambda
+    f = _lr_lambda(4, "cosine", 20)
+    lrs = [f(s) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+    assert [_lr_lambda(4, "constant", 20)(s) for s in (3, 10, 19)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_decay 'linear'"):
+        _lr_lambda(0, "linear", 10)
+    hist = train(make_model(), ToyData(), fake_encoder(), quiet(steps=4, batch_size=2, lr_decay="cosine"),
+                 out_dir=tmp_path)
+    assert hist.lr.tolist() == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    # extending a cosine run would silently change its schedule; a constant one may be extended
+    with pytest.raises(ValueError, match="steps: saved 4, now 6"):
+        train(make_model(), ToyData(), fake_encoder(), quiet(steps=6, batch_size=2, lr_decay="cosine"),
+              out_dir=tmp_path)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     model = make_model()
     calls = []
@@ -290,6 +327,12 @@ def test_cli_train_then_merge(tiny_run, capsys):
     assert merged.keys() == base.keys() and report.verified == len(base)
     assert all(torch.equal(merged[k], step.get(k, base[k])) for k in base)
     assert ZImageDiT.from_pretrained(root / "merged.safetensors").cfg == ZImageDiT.from_pretrained(init).cfg
+
+    out2 = root / "run2"  # the options beyond the release reach the loop
+    assert main([str(out2) if a == str(out) else a for a in args] +
+                ["--skip-bad", "--lr-decay", "cosine", "--caption-dropout", "0.5", "--no-seeded-noise"]) == 0
+    saved = torch.load(out2 / "state-2.pt", weights_only=False)["config"]
+    assert (saved["lr_decay"], saved["caption_dropout"], saved["seeded_noise"]) == ("cosine", 0.5, False)
 
 
 def test_large_patch_path_trains_only_its_embedder():

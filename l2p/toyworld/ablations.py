@@ -33,6 +33,9 @@ ABLATION_BASE = {
     "smoke": FinetuneConfig(corpus_size=16, steps=2, batch_size=4, eval_every=1, eval_prompts=8),
 }
 SEEDS = {"full": (0, 1, 2), "smoke": (0, 1, 2)}
+# Notebook 03's budget, for experiments whose effect only shows once the model learns; their baseline runs are
+# 03's and `transfer`'s converted runs.
+_LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100}
 
 EXPERIMENTS = [
     Experiment("transfer", "Does the latent model's knowledge transfer, or is the pixel model learning from scratch?",
@@ -40,7 +43,7 @@ EXPERIMENTS = [
                "same pixel architecture from scratch (the paper's efficiency argument).",
                {"converted init": {}, "from scratch": {"init": "scratch"}},
                # at notebook 03's budget (its seed-0 runs are shared): at 300 steps both sit near the floor
-               {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100}),
+               _LONG),
     Experiment("freeze_policy", "Which parts must train?",
                "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
                "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
@@ -64,6 +67,13 @@ EXPERIMENTS = [
                "image. Both are tried here under the same v-loss.",
                {"toy head (8 wide)": {}, "16 wide": {"head_channels": (16, 32, 64, 64)},
                 "x-prediction": {"prediction": "x"}}),
+    Experiment("training_choices", "What do two of the release's training choices change?",
+               "Not in the paper. The release draws each image's ε from its `seed` column, the same ε every epoch, "
+               "and never drops the caption, yet samples with classifier-free guidance (cfg 2.0). The toy corpus is "
+               "seen 24 times at this budget, so a fixed ε per image could be memorised.",
+               {"release (seeded ε, no dropout)": {}, "fresh ε every step": {"seeded_noise": False},
+                "caption dropout 0.1": {"caption_dropout": 0.1}},
+               _LONG),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",

@@ -344,6 +344,19 @@ class Evaluator:
         """Accuracy of every individual check over the rows it applies to."""
         return pd.Series({k: df[k].dropna().astype(bool).mean() for k in ALL_CHECKS if df[k].notna().any()})
 
+    @staticmethod
+    def accuracy_by_size(df: pd.DataFrame, prompts: Sequence) -> pd.DataFrame:
+        """Shape and whole-prompt accuracy grouped by the size of the prompt's objects ("mixed" if they differ).
+
+        At 64² an object spans about one 16-px patch, so its outline is drawn inside a token: this split shows
+        whether small objects are where a model loses its shapes.
+        """
+        sizes = [{o.size for o in p.scene.objects} for p in prompts]
+        group = pd.Series([s.pop() if len(s) == 1 else "mixed" for s in sizes], name="objects")
+        rows = df.assign(objects=group.reindex(df["index"].values).values)
+        return rows.groupby("objects").agg(shape=("shape", lambda s: s.dropna().astype(bool).mean()),
+                                           correct=("correct", "mean"), n=("correct", "size"))
+
     # ---- persistence ----
     def save(self, path: Union[str, Path]) -> None:
         """Weights (safetensors-free torch file) and configs as JSON."""

@@ -43,6 +43,9 @@ class FinetuneConfig:
     prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release) or "x" (JiT, an option)
     head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = TOY_DETAILER
     ema_decay: Optional[float] = None  # evaluate an exponential moving average of the weights at the end
+    seeded_noise: bool = True  # ε from each image's seed, the same every epoch (the release); False: fresh ε
+    caption_dropout: float = 0.0  # the release trains on captions only; > 0 also trains the unconditional branch
+    lr_decay: str = "constant"  # the release keeps the learning rate constant; "cosine" decays it to 0
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
@@ -52,7 +55,8 @@ class FinetuneConfig:
         return without_late_defaults(self, _LATE_FIELDS)
 
 
-_LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None}
+_LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None, "seeded_noise": True,
+                "caption_dropout": 0.0, "lr_decay": "constant"}
 
 
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
@@ -177,11 +181,10 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         eval_fn(model, 0)
         tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup,
                            policy="full" if cfg.init == "scratch" else cfg.policy, n_keep=cfg.n, shift=cfg.shift,
-                           seeded_noise=True, eval_every=cfg.eval_every, seed=cfg.seed, verbose=progress,
-                           log_every=25, ema_decay=cfg.ema_decay)
+                           seeded_noise=cfg.seeded_noise, eval_every=cfg.eval_every, seed=cfg.seed, verbose=progress,
+                           log_every=25, ema_decay=cfg.ema_decay,
+                           caption_dropout=cfg.caption_dropout, lr_decay=cfg.lr_decay)
         history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn)
-        if cfg.ema_decay and evals and evals[-1]["step"] == cfg.steps:
-            evals.pop()  # that one saw the raw weights; train() has since loaded the average
         if not evals or evals[-1]["step"] != cfg.steps:
             eval_fn(model, cfg.steps)
         return model, history, pd.DataFrame(evals), samples

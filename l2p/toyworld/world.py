@@ -191,6 +191,15 @@ class ToyWorld:
                 "fid": toy_fid(gen_j, ref_j, self.evaluator), "kid": toy_kid(gen_j, ref_j, self.evaluator)[0],
                 "spectral": spectral}
 
+    def guidance_sweep(self, pipe, scales: Sequence[float], prompts: Optional[Sequence[Prompt]] = None,
+                       seed: int = 0, **kw) -> pd.DataFrame:
+        """toy-GenEval, FID and spectral distance of one pipeline at each classifier-free guidance scale."""
+        rows = []
+        for s in scales:
+            r = self.evaluate(pipe, prompts, seed=seed, cfg_scale=float(s), **kw)
+            rows.append({"cfg_scale": float(s), "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]})
+        return pd.DataFrame(rows).set_index("cfg_scale")
+
 
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
     """Load the toy world for `mode` from the cache, training whatever is missing (deterministically)."""
