@@ -125,6 +125,6 @@ def test_training_choices_reach_the_training_loop():
     runs = [finetune(world, c, progress=False) for c in (cfg, cfg.replace(seeded_noise=False),
                                                           cfg.replace(caption_dropout=0.5))]
     assert len({r.path for r in runs}) == 3
-    w = "local_decoder.out_conv.weight"
-    base = runs[0].model.state_dict()[w]
-    assert all(not torch.equal(base, r.model.state_dict()[w]) for r in runs[1:])
+    base = runs[0].model.state_dict()
+    for r in runs[1:]:  # (Adam's first steps move by ±lr whatever the gradient, so compare every tensor)
+        assert any(not torch.equal(base[k], v) for k, v in r.model.state_dict().items()), r.config

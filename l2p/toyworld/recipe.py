@@ -141,13 +141,10 @@ def cross_source(world: ToyWorld) -> ZImageDiT:
     Half the training keeps the report's budget; it also makes the second model differ in quality, as two
     real models do.
     """
-    from .ldm import load_ldm, save_ldm, train_source_ldm
+    from .world import cached_ldm
     ldm = world.spec.ldm.replace(seed=world.spec.ldm.seed + 1, data_seed=world.spec.ldm.data_seed + 1,
                                  steps=max(1, world.spec.ldm.steps // 2))
-    model, _ = cached("toy_source_ldm", world.spec.ldm_key(ldm), ldm.seed,
-                      build_fn=lambda: train_source_ldm(ldm, world.vae, world.text, progress=False),
-                      save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
-    return model
+    return cached_ldm(world.spec, ldm, world.vae, world.text, progress=False)[0]
 
 
 def _dataset(world: ToyWorld, cfg: FinetuneConfig):

@@ -201,14 +201,19 @@ class ToyWorld:
         return pd.DataFrame(rows).set_index("cfg_scale")
 
 
+def cached_ldm(spec: WorldSpec, ldm: LDMTrainConfig, vae, text, progress: bool = True):
+    """A toy LDM trained on this world's VAE latents, from the cache or trained now: (model, history)."""
+    return cached("toy_source_ldm", spec.ldm_key(ldm), ldm.seed,
+                  build_fn=lambda: train_source_ldm(ldm, vae, text, progress),
+                  save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
+
+
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
     """Load the toy world for `mode` from the cache, training whatever is missing (deterministically)."""
     spec = spec or SPECS[mode]
     vae, vae_hist = load_or_train_vae(spec.mode, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
     text = toy_text()
-    source, hist = cached("toy_source_ldm", spec.ldm_key(), spec.ldm.seed,
-                          build_fn=lambda: train_source_ldm(spec.ldm, vae, text, progress),
-                          save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
+    source, hist = cached_ldm(spec, spec.ldm, vae, text, progress)
     text.save()
     return ToyWorld(spec, vae, vae_hist, evaluator, text, source.requires_grad_(False), hist)
