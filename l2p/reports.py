@@ -14,6 +14,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def export(executed: Path) -> None:
     from nbconvert.writers import FilesWriter
 
     nb = nbformat.read(executed, as_version=4)
+    shutil.rmtree(executed.parent / f"{executed.stem}_files", ignore_errors=True)  # no images from older runs
     writer = FilesWriter(build_directory=str(executed.parent))
     for exporter in (HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True), MarkdownExporter()):
         body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": f"{executed.stem}_files"})

@@ -59,3 +59,30 @@ def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
     index = (tmp_path / "out" / "README.md").read_text()
     assert "| 00_case | ok |" in index and "| 01_case | FAILED |" in index and "02_case" not in index.split("## ")[0]
     assert "boom" in index
+
+
+def test_export_leaves_no_images_from_older_runs(tmp_path):
+    """Cell numbers shift when a notebook changes; images the new Markdown does not name must not linger."""
+    import base64
+    import io
+
+    import nbformat
+    from PIL import Image
+
+    from l2p.reports import export
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buf, format="PNG")
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("show()")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(buf.getvalue()).decode()})]
+    nb.cells = [cell]
+    executed = tmp_path / "07_demo.ipynb"
+    nbformat.write(nb, executed)
+    stale = tmp_path / "07_demo_files" / "output_9_0.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    export(executed)
+    files = sorted(p.name for p in (tmp_path / "07_demo_files").iterdir())
+    assert files and "output_9_0.png" not in files
+    assert all(f in (tmp_path / "07_demo.md").read_text() for f in files)
+    assert (tmp_path / "07_demo.html").exists()
