@@ -406,3 +406,18 @@ def test_accuracy_by_size_groups_prompts_by_their_objects():
     assert t.n.sum() == 60 and {"large", "small"} <= set(t.index)
     assert t.loc["large", "shape"] == 1.0 and t.loc["small", "shape"] == 0.0
     assert t.n.to_dict() == pd.Series(label).value_counts().to_dict()
+
+
+def test_denoising_error_per_sigma_has_the_right_sign_and_references():
+    """x̂0 = x_σ + σ·output: a zero output is the identity, an oracle output has no error."""
+    import numpy as np
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    x0 = sc.to_tensor(sc.generate(8, 5, world.world)[0])
+    zero = lambda xs, t, feats: torch.zeros_like(xs)  # noqa: E731
+    oracle = lambda xs, t, feats: (x0 - xs) / (1 - t[0])  # noqa: E731  (knows x0: ε − x0's negation exactly)
+    df = world.denoising_error({"zero": zero, "oracle": oracle}, sigmas=(0.1, 0.5), n=8, seed=5)
+    assert list(df.index) == [0.1, 0.5]
+    assert np.allclose(df["zero"], df["identity"]) and (df["oracle"] < 1e-10).all()
+    assert df["identity"].is_monotonic_increasing and df["VAE reconstruction"].nunique() == 1
+    assert np.isfinite(df["source LDM (decoded)"]).all()

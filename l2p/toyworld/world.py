@@ -191,6 +191,38 @@ class ToyWorld:
                 "fid": toy_fid(gen_j, ref_j, self.evaluator), "kid": toy_kid(gen_j, ref_j, self.evaluator)[0],
                 "spectral": spectral}
 
+    def denoising_error(self, pixel_models: dict, sigmas: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95),
+                        n: int = 64, seed: int = 999) -> pd.DataFrame:
+        """MSE of each model's one-step x̂0 against held-out ground truth, per noise level σ (conditional, no cfg).
+
+        Columns: "identity" (x̂0 = x_σ, i.e. doing nothing), each pixel model, and the source LDM, whose x̂0
+        is predicted in latent space and decoded, so it can never beat "VAE reconstruction" (the last row's
+        reference, the same at every σ). A pixel model above "identity" adds noise at that σ instead of
+        removing it.
+        """
+        from .vae import decode, encode
+        images, captions = generate(n, seed, self.world)[:2]
+        x0, feats = to_tensor(images), self.text.encode_list(list(captions))
+        g = torch.Generator().manual_seed(seed)
+        eps = torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            z0 = encode(self.vae, x0)
+            eps_z = torch.randn(z0.shape, generator=g)
+            recon = ((decode(self.vae, z0) - x0) ** 2).mean().item()
+            rows = []
+            for s in sigmas:
+                t = torch.full((n,), 1.0 - s)
+                xs = (1 - s) * x0 + s * eps
+                row = {"sigma": s, "identity": ((xs - x0) ** 2).mean().item()}
+                for name, m in pixel_models.items():  # the DiT outputs ≈ x0 − ε, so x̂0 = x_σ + σ·output
+                    row[name] = ((xs + s * m(xs, t, feats) - x0) ** 2).mean().item()
+                zs = (1 - s) * z0 + s * eps_z
+                row["source LDM (decoded)"] = ((decode(self.vae, zs + s * self.source(zs, t, feats)) - x0) ** 2
+                                               ).mean().item()
+                row["VAE reconstruction"] = recon
+                rows.append(row)
+        return pd.DataFrame(rows).set_index("sigma")
+
     def guidance_sweep(self, pipe, scales: Sequence[float], prompts: Optional[Sequence[Prompt]] = None,
                        seed: int = 0, **kw) -> pd.DataFrame:
         """toy-GenEval, FID and spectral distance of one pipeline at each classifier-free guidance scale."""
