@@ -390,6 +390,8 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
     import pandas as pd
     from accelerate import Accelerator
 
+    if not 0.0 <= cfg.caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout {cfg.caption_dropout}: a fraction in [0, 1]")
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     summary = prepare_trainable(model, cfg)
     if cfg.verbose:

@@ -208,6 +208,8 @@ def test_cosine_decay_warms_up_then_reaches_zero_and_pins_the_run_length(tmp_pat
     assert [_lr_lambda(4, "constant", 20)(s) for s in (3, 10, 19)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="lr_decay 'linear'"):
         _lr_lambda(0, "linear", 10)
+    with pytest.raises(ValueError, match="caption_dropout 10"):
+        train(make_model(), ToyData(), fake_encoder(), quiet(steps=1, caption_dropout=10))
     hist = train(make_model(), ToyData(), fake_encoder(), quiet(steps=4, batch_size=2, lr_decay="cosine"),
                  out_dir=tmp_path)
     assert hist.lr.tolist() == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
