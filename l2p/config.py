@@ -12,7 +12,8 @@ from typing import Optional
 ADALN_EMBED_DIM = 256  # width of the timestep embedding fed to every adaLN Linear
 SEQ_MULTI_OF = 32  # image and caption tokens are each padded to a multiple of this
 X_PRED_SIGMA_MIN = 0.05  # x-prediction divides by σ; clamp it as JiT does so the last steps stay finite
-PREDICTIONS = ("velocity", "x")
+PREDICTIONS = ("velocity", "x", "edm")
+EDM_SIGMA_DATA = 0.5  # the std of x0 that "edm" preconditioning assumes (Karras et al. use 0.5 for [-1, 1] images)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class DetailerConfig:
     out_channels: int = 3
     # What out_conv's output means. "velocity": the release (≈ x0 − ε, like the latent final layer).
     # "x": the clean image x̂0, turned into the same x0 − ε output as (x̂0 − x_σ)/σ (JiT's reparametrisation;
-    # not in the paper). The model's output contract, loss and samplers are the same for both.
+    # not in the paper). "edm": x̂0 = c_skip(σ)·x_σ + c_out(σ)·output, Karras et al.'s preconditioning for this
+    # path: a skip that carries x_σ at low σ (noise prediction) and x-prediction near σ = 1 (not in the paper).
+    # The model's output contract, loss and samplers are the same for all three.
     prediction: str = "velocity"
 
     def __post_init__(self):

@@ -420,9 +420,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="RGB patch embedders (e.g. 16 64)")
     p.add_argument("--detailer-channels", type=int, nargs="+", default=None, metavar="C",
                    help="Detailer Head widths (default: 64 128 256 512 for patch 16)")
-    p.add_argument("--prediction", choices=["velocity", "x"], default="velocity",
-                   help="what the Detailer Head predicts: velocity (the release) or x (the clean image, JiT); "
-                        "stored in the file's l2p_config")
+    p.add_argument("--prediction", choices=["velocity", "x", "edm"], default="velocity",
+                   help="what the Detailer Head predicts: velocity (the release), x (the clean image, JiT) or edm "
+                        "(Karras et al.'s skip/out preconditioning); stored in the file's l2p_config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")
     p.add_argument("--overwrite", action="store_true")

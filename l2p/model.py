@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .config import X_PRED_SIGMA_MIN, DetailerConfig, DiTConfig, get_config
+from .config import EDM_SIGMA_DATA, X_PRED_SIGMA_MIN, DetailerConfig, DiTConfig, get_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,11 +438,17 @@ class ZImageDiT(nn.Module):
 
     def _head_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The head's output in the release's x0 − ε form, whatever the head predicts."""
-        if self.cfg.detailer.prediction == "velocity":
+        pred = self.cfg.detailer.prediction
+        if pred == "velocity":
             return out
-        # x-prediction: x0 − ε = −v = (x̂0 − x_σ)/σ with σ = 1 − t; in fp32, as σ can be small.
-        sigma = (1 - t.float()).clamp_min(X_PRED_SIGMA_MIN).reshape(-1, 1, 1, 1)
-        return ((out.float() - x.float()) / sigma).to(out.dtype)
+        if pred == "x":  # x0 − ε = −v = (x̂0 − x_σ)/σ with σ = 1 − t; in fp32, as σ can be small.
+            sigma = (1 - t.float()).clamp_min(X_PRED_SIGMA_MIN).reshape(-1, 1, 1, 1)
+            return ((out.float() - x.float()) / sigma).to(out.dtype)
+        # "edm": with D = Var(x_σ) = (1−σ)²s² + σ², c_skip = (1−σ)s²/D and c_out = sσ/√D. In the x0 − ε form
+        # (x̂0 − x_σ)/σ the σ cancels exactly: ((1−σ)s² − σ)/D · x_σ + s/√D · output. No clamp is needed.
+        sigma, s2 = (1 - t.float()).reshape(-1, 1, 1, 1), EDM_SIGMA_DATA ** 2
+        d = (1 - sigma) ** 2 * s2 + sigma ** 2
+        return (((1 - sigma) * s2 - sigma) / d * x.float() + EDM_SIGMA_DATA / d.sqrt() * out.float()).to(out.dtype)
 
     # -- loading -------------------------------------------------------------------------------
 

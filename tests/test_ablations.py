@@ -97,7 +97,7 @@ def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
     assert win.endswith(f"{b} beats {a} by more than the seed spread")
     head = get_experiment("detailer_head")
     assert [variant_config(head, o, "full", 0).key().get("prediction") for o in head.variants.values()] == \
-        [None, None, "x"]
+        [None, None, "x", "edm"]
 
 
 def test_ema_run_reports_the_averaged_weights_at_the_end():

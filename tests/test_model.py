@@ -239,6 +239,29 @@ def test_x_prediction_is_a_reparametrised_velocity_head():
         assert torch.allclose(listed[1], alone, atol=1e-5)
 
 
+def test_edm_prediction_interpolates_noise_and_clean_image_prediction():
+    """prediction="edm": x̂0 = c_skip·x_σ + c_out·head, returned as (x̂0 − x_σ)/σ; exact at every σ, even near 0."""
+    from dataclasses import replace
+    from l2p.config import EDM_SIGMA_DATA as s
+    cfg_v = tiny_pixel()
+    m_v = random_model(cfg_v)
+    m_e = ZImageDiT(cfg_v.replace(detailer=replace(cfg_v.detailer, prediction="edm")))
+    m_e.load_state_dict(m_v.state_dict())
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([0.0, 0.5, 0.9, 0.999])
+    caps = [torch.randn(4, cfg_v.cap_feat_dim)] * 4
+    with torch.no_grad():
+        head, out = m_v(x, t, caps), m_e(x, t, caps)
+    sig = (1 - t).reshape(-1, 1, 1, 1)
+    d = (1 - sig) ** 2 * s ** 2 + sig ** 2
+    x0_hat = (1 - sig) * s ** 2 / d * x + s * sig / d.sqrt() * head
+    assert torch.allclose(out[:3], (x0_hat[:3] - x[:3]) / sig[:3], atol=1e-5)
+    assert torch.allclose(out[0], -x[0] + s * head[0], atol=1e-5)  # σ = 1: −ε + x̂0, with x̂0 = s·head
+    # σ → 0: the skip carries x_σ, the head predicts the noise, and nothing blows up
+    assert torch.allclose(out[3], x[3] + head[3], atol=2e-2) and torch.isfinite(out).all()
+    listed = m_e([x[1], x[2][:, :16]], t[1:3], caps[:2])
+    assert torch.allclose(listed[0], out[1], atol=1e-5)
+
+
 def test_detailer_prediction_is_validated_and_survives_a_checkpoint(tmp_path):
     import json
     from dataclasses import replace

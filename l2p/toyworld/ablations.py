@@ -64,9 +64,10 @@ EXPERIMENTS = [
     Experiment("detailer_head", "Is the toy Detailer Head too small, or predicting the wrong thing?",
                "Not in the paper: the release's head (64 wide at full resolution) predicts velocity. The toy head "
                "is 8 wide to keep CPU cost down; JiT (Li & He, 2025) argues pixel models should predict the clean "
-               "image. Both are tried here under the same v-loss.",
+               "image; EDM's preconditioning (Karras et al., 2022) predicts noise at low σ and the clean image at "
+               "high σ. All are tried here under the same v-loss.",
                {"toy head (8 wide)": {}, "16 wide": {"head_channels": (16, 32, 64, 64)},
-                "x-prediction": {"prediction": "x"}}),
+                "x-prediction": {"prediction": "x"}, "edm preconditioning": {"prediction": "edm"}}),
     Experiment("training_choices", "What do two of the release's training choices change?",
                "Not in the paper. The release draws each image's ε from its `seed` column, the same ε every epoch, "
                "and never drops the caption, yet samples with classifier-free guidance (cfg 2.0). The toy corpus is "

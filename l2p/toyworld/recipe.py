@@ -40,7 +40,7 @@ class FinetuneConfig:
     eval_every: int = 250
     eval_prompts: int = 100
     seed: int = 0
-    prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release) or "x" (JiT, an option)
+    prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release), "x" (JiT) or "edm" (options)
     head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = TOY_DETAILER
     ema_decay: Optional[float] = None  # evaluate an exponential moving average of the weights at the end
     seeded_noise: bool = True  # ε from each image's seed, the same every epoch (the release); False: fresh ε
