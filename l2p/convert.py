@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from l2p.checkpoint import (CheckpointError, CheckpointReader, StreamingWriter, check_not_input,
                             checkpoint_config, dtype_name, model_shapes, parse_size, same_bytes)
-from l2p.config import DetailerConfig, DiTConfig
+from l2p.config import PREDICTIONS, DetailerConfig, DiTConfig
 
 OUT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 PAPER_FIRST_TRAINABLE, PAPER_LAST_TRAINABLE = 5, 5  # `freeze_except`: layers[5 : n_layers - 5] stay frozen
@@ -420,7 +420,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="RGB patch embedders (e.g. 16 64)")
     p.add_argument("--detailer-channels", type=int, nargs="+", default=None, metavar="C",
                    help="Detailer Head widths (default: 64 128 256 512 for patch 16)")
-    p.add_argument("--prediction", choices=["velocity", "x", "edm"], default="velocity",
+    p.add_argument("--prediction", choices=PREDICTIONS, default="velocity",
                    help="what the Detailer Head predicts: velocity (the release), x (the clean image, JiT) or edm "
                         "(Karras et al.'s skip/out preconditioning); stored in the file's l2p_config")
     p.add_argument("--seed", type=int, default=0)

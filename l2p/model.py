@@ -426,8 +426,10 @@ class ZImageDiT(nn.Module):
         else:
             feats = [h[i, : n_real[i]].T.reshape(cfg.dim, *grids[i]) for i in range(len(xs))]
             if cfg.is_pixel:
-                out = [self._head_output(self.local_decoder(xi[None].to(dtype), f[None]), xi[None].to(dtype),
-                                         t[i : i + 1])[0] for i, (xi, f) in enumerate(zip(xs, feats))]
+                out = []
+                for i, (xi, f) in enumerate(zip(xs, feats)):
+                    xi = xi[None].to(dtype)
+                    out.append(self._head_output(self.local_decoder(xi, f[None]), xi, t[i : i + 1])[0])
             else:
                 fl = self.all_final_layer[f"{p}-1"]
                 out = [unpatchify(fl(h[i : i + 1, : n_real[i]], temb[i : i + 1])[0], p, cfg.in_channels,

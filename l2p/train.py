@@ -90,6 +90,7 @@ _RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "policy", "n_keep", "inclu
                   "lora_alpha", "lora_blocks", "lora_train_head", "shift", "num_train_timesteps", "seeded_noise",
                   "patch_size", "lr_decay")
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec")
+LR_DECAYS = ("constant", "cosine")
 
 
 class TrainingDiverged(RuntimeError):
@@ -346,8 +347,8 @@ def _append_csv(path: Path, row: dict, columns: Sequence[str]) -> None:
 
 def _lr_lambda(warmup: int, decay: str = "constant", steps: int = 0):
     """Linear warmup, then constant or a cosine to 0 at `steps`."""
-    if decay not in ("constant", "cosine"):
-        raise ValueError(f"lr_decay {decay!r}: 'constant' or 'cosine'")
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay {decay!r}: one of {LR_DECAYS}")
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -551,7 +552,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="per process")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--lr-decay", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default="constant",
                    help="after warmup: constant (the release) or a cosine to 0 at the last step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (the release)")

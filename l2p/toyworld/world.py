@@ -200,7 +200,13 @@ class ToyWorld:
         reference, the same at every σ). A pixel model above "identity" adds noise at that σ instead of
         removing it.
         """
+        from ..flow import add_noise, velocity_from_output, x0_from_velocity
+        from ..schedule import dit_time
         from .vae import decode, encode
+
+        def x0_hat(model, x_t, s, t, feats):
+            return x0_from_velocity(x_t, velocity_from_output(model(x_t, t, feats)), s)
+
         images, captions = generate(n, seed, self.world)[:2]
         x0, feats = to_tensor(images), self.text.encode_list(list(captions))
         g = torch.Generator().manual_seed(seed)
@@ -211,14 +217,13 @@ class ToyWorld:
             recon = ((decode(self.vae, z0) - x0) ** 2).mean().item()
             rows = []
             for s in sigmas:
-                t = torch.full((n,), 1.0 - s)
-                xs = (1 - s) * x0 + s * eps
+                t = dit_time(torch.full((n,), s))
+                xs = add_noise(x0, eps, s)
                 row = {"sigma": s, "identity": ((xs - x0) ** 2).mean().item()}
-                for name, m in pixel_models.items():  # the DiT outputs ≈ x0 − ε, so x̂0 = x_σ + σ·output
-                    row[name] = ((xs + s * m(xs, t, feats) - x0) ** 2).mean().item()
-                zs = (1 - s) * z0 + s * eps_z
-                row["source LDM (decoded)"] = ((decode(self.vae, zs + s * self.source(zs, t, feats)) - x0) ** 2
-                                               ).mean().item()
+                for name, m in pixel_models.items():
+                    row[name] = ((x0_hat(m, xs, s, t, feats) - x0) ** 2).mean().item()
+                zhat = x0_hat(self.source, add_noise(z0, eps_z, s), s, t, feats)
+                row["source LDM (decoded)"] = ((decode(self.vae, zhat) - x0) ** 2).mean().item()
                 row["VAE reconstruction"] = recon
                 rows.append(row)
         return pd.DataFrame(rows).set_index("sigma")
