@@ -28,6 +28,11 @@ class DetailerConfig:
     # path: a skip that carries x_σ at low σ (noise prediction) and x-prediction near σ = 1 (not in the paper).
     # The model's output contract, loss and samplers are the same for all three.
     prediction: str = "velocity"
+    # The release's head has no time input: σ reaches it only through the DiT tokens at its bottleneck, so its
+    # full-resolution convs act the same at every noise level. True adds a FiLM (per-channel scale and shift from
+    # the DiT's timestep embedding, zero-initialised: it starts as the release head) after every encoder and
+    # decoder conv, keys local_decoder.film_enc{k} / film_dec{k}. Not in the paper.
+    time_conditioning: bool = False
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:

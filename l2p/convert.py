@@ -138,6 +138,14 @@ def module_seed(seed: int, module: str) -> int:
     return int.from_bytes(hashlib.sha256(f"l2p-init/{seed}/{module}".encode()).digest()[:8], "little") >> 1
 
 
+def new_module_init(module: str, shapes: dict[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
+    """A new module's tensors: `release_init`, except the optional Detailer Head FiLM layers, which start at 0
+    so that a time-conditioned head begins as the release's head."""
+    if module.startswith("local_decoder.film_"):
+        return {leaf: torch.zeros(tuple(shape)) for leaf, shape in shapes.items()}
+    return release_init(module, shapes, seed)
+
+
 def release_init(module: str, shapes: dict[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
     """PyTorch's default nn.Linear / nn.Conv2d init for one module (float32), from a seeded generator.
 
@@ -361,7 +369,7 @@ def convert(latent_paths, output_path, *, patch_sizes: Sequence[int] = (16,), de
                 else:
                     mod, _, leaf = t.key.rpartition(".")
                     if mod != module:  # one module at a time (its tensors are adjacent in the plan)
-                        module, made = mod, fitted.get(mod) or release_init(mod, modules[mod], seed)
+                        module, made = mod, fitted.get(mod) or new_module_init(mod, modules[mod], seed)
                     w.write(t.key, made.pop(leaf).to(t.dtype))
                 bar.update(t.dtype.itemsize * math.prod(t.shape))
             bar.close()
@@ -423,6 +431,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction", choices=PREDICTIONS, default="velocity",
                    help="what the Detailer Head predicts: velocity (the release), x (the clean image, JiT) or edm "
                         "(Karras et al.'s skip/out preconditioning); stored in the file's l2p_config")
+    p.add_argument("--head-time-conditioning", action="store_true",
+                   help="give the Detailer Head FiLM layers driven by the DiT's timestep embedding (zero-initialised; "
+                        "not in the release, whose head has no time input)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")
     p.add_argument("--overwrite", action="store_true")
@@ -438,8 +449,9 @@ def run_convert(a: argparse.Namespace) -> int:
     if a.sample_images:
         images = list(load_sample_images(a.sample_images, a.image_size))
     detailer = DetailerConfig(channels=tuple(a.detailer_channels)) if a.detailer_channels else None
-    if a.prediction != "velocity":
-        detailer = replace(detailer or DetailerConfig.for_patch(a.patch_sizes[0]), prediction=a.prediction)
+    if a.prediction != "velocity" or a.head_time_conditioning:
+        detailer = replace(detailer or DetailerConfig.for_patch(a.patch_sizes[0]), prediction=a.prediction,
+                           time_conditioning=a.head_time_conditioning)
     try:
         report = convert(a.latent_ckpt_files, a.output_path, patch_sizes=tuple(a.patch_sizes), detailer=detailer,
                          init=a.init, out_dtype=a.dtype, seed=a.seed, max_shard_bytes=parse_size(a.max_shard_size),

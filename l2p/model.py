@@ -177,10 +177,11 @@ class DetailerHead(nn.Module):
     # changes. Not measured on GPU, so left off there.
     cpu_channels_last: bool = True
 
-    def __init__(self, cfg: DetailerConfig, dim: int, in_channels: int = 3):
+    def __init__(self, cfg: DetailerConfig, dim: int, in_channels: int = 3, temb_dim: int = 256):
         super().__init__()
         ch, d = cfg.channels, cfg.depth
         self.depth = d
+        self.time_conditioning = cfg.time_conditioning
         for k in range(1, d + 1):
             c_in = in_channels if k == 1 else ch[k - 2]
             setattr(self, f"enc{k}", nn.Sequential(nn.Conv2d(c_in, ch[k - 1], 3, padding=1), nn.SiLU()))
@@ -194,20 +195,44 @@ class DetailerHead(nn.Module):
             setattr(self, f"dec{k}", nn.Sequential(nn.Conv2d(c_up + ch[k - 1], c_out, 3, padding=1), nn.SiLU()))
             c_up = c_out
         self.out_conv = nn.Conv2d(c_up, cfg.out_channels, 1)
+        if cfg.time_conditioning:
+            for name in self.film_names():
+                width = getattr(self, name)[0].out_channels
+                setattr(self, f"film_{name}", nn.Linear(temb_dim, 2 * width))
+            self.zero_film()
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def film_names(self) -> list[str]:
+        """The conv blocks a FiLM follows: enc1…encD, decD…dec1."""
+        return [f"enc{k}" for k in range(1, self.depth + 1)] + [f"dec{k}" for k in range(self.depth, 0, -1)]
+
+    def zero_film(self) -> None:
+        """FiLM layers output 0 (scale 1, shift 0): the head then computes exactly what the release's does."""
+        for name in self.film_names() if self.time_conditioning else ():
+            nn.init.zeros_(getattr(self, f"film_{name}").weight)
+            nn.init.zeros_(getattr(self, f"film_{name}").bias)
+
+    def _block(self, name: str, h: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
+        h = getattr(self, name)(h)
+        if not self.time_conditioning:
+            return h
+        scale, shift = getattr(self, f"film_{name}")(temb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + scale) + shift
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.time_conditioning and temb is None:
+            raise ValueError("this Detailer Head is time-conditioned: pass the DiT's timestep embedding (temb)")
         if x.device.type == "cpu" and self.cpu_channels_last:
             x, features = (t.contiguous(memory_format=torch.channels_last) for t in (x, features))
         skips, h = [], x
         for k in range(1, self.depth + 1):
-            h = getattr(self, f"enc{k}")(h)
+            h = self._block(f"enc{k}", h, temb)
             skips.append(h)
             h = self.pool(h)
         if features.shape[-2:] != h.shape[-2:]:
             features = F.interpolate(features, size=h.shape[-2:], mode="nearest")
         h = self.bottleneck(torch.cat([h, features.to(h.dtype)], dim=1))
         for k in range(self.depth, 0, -1):
-            h = getattr(self, f"dec{k}")(torch.cat([getattr(self, f"up{k}")(h), skips[k - 1]], dim=1))
+            h = self._block(f"dec{k}", torch.cat([getattr(self, f"up{k}")(h), skips[k - 1]], dim=1), temb)
         return self.out_conv(h).contiguous()
 
 
@@ -276,7 +301,7 @@ class ZImageDiT(nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
         if cfg.is_pixel:
-            self.local_decoder = DetailerHead(cfg.detailer, cfg.dim, cfg.in_channels)
+            self.local_decoder = DetailerHead(cfg.detailer, cfg.dim, cfg.in_channels, cfg.adaln_dim)
 
     # -- initialisation ------------------------------------------------------------------------
 
@@ -303,6 +328,7 @@ class ZImageDiT(nn.Module):
         if self.cfg.is_pixel:
             nn.init.zeros_(self.local_decoder.out_conv.weight)
             nn.init.zeros_(self.local_decoder.out_conv.bias)
+            self.local_decoder.zero_film()
         return self
 
     # -- sequence construction -----------------------------------------------------------------
@@ -418,7 +444,7 @@ class ZImageDiT(nn.Module):
             ht, wt = grids[0]
             maps = h[:, : n_real[0]].transpose(1, 2).reshape(len(xs), cfg.dim, ht, wt)
             if cfg.is_pixel:
-                out = self._head_output(self.local_decoder(xb, maps), xb, t)
+                out = self._head_output(self.local_decoder(xb, maps, temb), xb, t)
             else:
                 tok = self.all_final_layer[f"{p}-1"](h[:, : n_real[0]], temb)
                 out = tok.reshape(len(xs), ht, wt, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(xb.shape)
@@ -429,7 +455,8 @@ class ZImageDiT(nn.Module):
                 out = []
                 for i, (xi, f) in enumerate(zip(xs, feats)):
                     xi = xi[None].to(dtype)
-                    out.append(self._head_output(self.local_decoder(xi, f[None]), xi, t[i : i + 1])[0])
+                    out.append(self._head_output(self.local_decoder(xi, f[None], temb[i : i + 1]), xi,
+                                                 t[i : i + 1])[0])
             else:
                 fl = self.all_final_layer[f"{p}-1"]
                 out = [unpatchify(fl(h[i : i + 1, : n_real[i]], temb[i : i + 1])[0], p, cfg.in_channels,

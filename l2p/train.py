@@ -221,8 +221,24 @@ def prepare_trainable(model: nn.Module, cfg: TrainConfig) -> FreezeSummary:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_target(cfg.lora_blocks), cfg.lora_train_head, cfg.seed)
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         return FreezeSummary(policy=f"lora r={cfg.lora_rank}", trainable=names, table=parameter_table(model, names))
+    exclude = list(cfg.exclude) + _unused_embedders(model, cfg.patch_size)
     return apply_policy(model, cfg.policy, n=cfg.n_keep, include=list(cfg.include) or None,
-                        exclude=list(cfg.exclude) or None)
+                        exclude=exclude or None)
+
+
+def _unused_embedders(model: nn.Module, patch_size: Optional[int]) -> list[str]:
+    """Patch embedders this run never calls (a 4K model trained at patch 64 leaves 16-1 idle).
+
+    They would get no gradient: DDP stops on trainable parameters without one, and the step file would
+    carry an untouched copy. So they stay frozen whatever the policy says.
+    """
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or len(cfg.all_patch_size) < 2:
+        return []
+    used = patch_size or cfg.default_patch
+    if used not in cfg.all_patch_size:
+        raise ValueError(f"patch_size {used}: the model has embedders for {list(cfg.all_patch_size)}")
+    return [f"all_x_embedder.{p}-{f}.*" for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size) if p != used]
 
 
 def _file_key(name: str) -> str:

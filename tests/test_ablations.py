@@ -79,13 +79,14 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     """Runs cached before the late options existed keep their keys; setting one makes a new run."""
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
-    late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay")
+    late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
     assert FinetuneConfig(prediction="x").key()["prediction"] == "x"
     assert FinetuneConfig(head_channels=(16, 32, 64, 64)).key()["head_channels"] == (16, 32, 64, 64)
     assert FinetuneConfig(caption_dropout=0.1).key()["caption_dropout"] == 0.1
+    assert FinetuneConfig(head_time=True).key()["head_time"] is True
 
 
 def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
@@ -128,3 +129,16 @@ def test_training_choices_reach_the_training_loop():
     base = runs[0].model.state_dict()
     for r in runs[1:]:  # (Adam's first steps move by ±lr whatever the gradient, so compare every tensor)
         assert any(not torch.equal(base[k], v) for k, v in r.model.state_dict().items()), r.config
+
+
+def test_a_time_conditioned_head_run_converts_with_film_and_trains_it():
+    """head_time=True goes through `l2p convert` (zero FiLM in the init file) and the FiLM layers then learn."""
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune, initial_model
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    cfg = FINETUNE_MODES["smoke"].replace(head_time=True)
+    init = initial_model(world, cfg)
+    assert init.cfg.detailer.time_conditioning and not init.local_decoder.film_dec1.weight.any()
+    run = finetune(world, cfg, progress=False)
+    assert run.model.cfg.detailer.time_conditioning and run.model.local_decoder.film_dec1.weight.any()
+    assert run.path != finetune(world, FINETUNE_MODES["smoke"], progress=False).path

@@ -340,6 +340,20 @@ def test_cli_prediction_is_stored_in_the_pixel_init(latent, tmp_path):
     assert cfg.detailer.prediction == "x" and cfg.detailer.channels == (8, 8, 16, 32)
 
 
+def test_cli_head_time_conditioning_converts_with_zero_film(latent, tmp_path):
+    """--head-time-conditioning: the FiLM layers are new tensors, written as zeros; the rest as without it."""
+    from safetensors.torch import load_file
+    plain, timed = tmp_path / "p.safetensors", tmp_path / "t.safetensors"
+    base = ["--latent-ckpt-files", str(latent[-1]), "--detailer-channels", "8", "8", "16", "32", "--seed", "1"]
+    assert main_convert(base + ["--output-path", str(plain)]) == 0
+    assert main_convert(base + ["--output-path", str(timed), "--head-time-conditioning"]) == 0
+    p, t = load_file(plain), load_file(timed)
+    film = sorted(set(t) - set(p))
+    assert film and all(k.startswith("local_decoder.film_") for k in film) and not any(t[k].any() for k in film)
+    assert all(torch.equal(p[k], t[k]) for k in p)
+    assert ZImageDiT.from_pretrained(timed).cfg.detailer.time_conditioning
+
+
 def test_subparsers_register():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -279,6 +279,45 @@ def test_detailer_prediction_is_validated_and_survives_a_checkpoint(tmp_path):
     assert ZImageDiT.from_pretrained(tmp_path / "bare.safetensors").cfg.detailer.prediction == "velocity"
 
 
+def test_time_conditioned_head_starts_as_the_release_head_and_then_depends_on_sigma(tmp_path):
+    """time_conditioning: FiLM after every head conv from the timestep embedding, zero at init, own keys."""
+    from dataclasses import replace
+    from l2p.checkpoint import atomic_save, infer_config
+    cfg_r = tiny_pixel()
+    cfg_t = cfg_r.replace(detailer=replace(cfg_r.detailer, time_conditioning=True))
+    m_r, m_t = random_model(cfg_r), ZImageDiT(cfg_t)
+    missing, unexpected = m_t.load_state_dict(m_r.state_dict(), strict=False)
+    depth = cfg_r.detailer.depth
+    assert not unexpected and sorted(missing) == sorted(
+        f"local_decoder.film_{b}{k}.{leaf}" for b in ("enc", "dec") for k in range(1, depth + 1)
+        for leaf in ("weight", "bias"))
+    assert m_t.local_decoder.film_dec1.weight.shape == (2 * cfg_r.detailer.channels[0], cfg_r.adaln_dim)
+    x, t = torch.randn(2, 3, 32, 48), torch.tensor([0.1, 0.9])
+    caps = [torch.randn(4, cfg_r.cap_feat_dim)] * 2
+    with torch.no_grad():
+        assert torch.equal(m_t(x, t, caps), m_r(x, t, caps))  # zero FiLM: exactly the release head
+        for name in m_t.local_decoder.film_names():
+            torch.nn.init.normal_(getattr(m_t.local_decoder, f"film_{name}").weight, std=0.5)
+        a, b = m_t(x[:1], t[:1], caps[:1]), m_t(x[:1], t[1:], caps[:1])
+        ra, rb = m_r(x[:1], t[:1], caps[:1]), m_r(x[:1], t[1:], caps[:1])
+        # σ changes the head's output beyond what it changes through the DiT tokens alone
+        assert not torch.allclose(a - b, ra - rb, atol=1e-3)
+        listed = m_t([x[0], x[1][:, :16]], t, caps)  # mixed sizes: each item its own embedding
+        assert torch.allclose(listed[0], m_t(x[:1], t[:1], caps[:1])[0], atol=1e-5)
+        assert torch.allclose(listed[1], m_t(x[1:, :, :16], t[1:], caps[:1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="time-conditioned"):
+        m_t.local_decoder(x, torch.randn(2, cfg_r.dim, 2, 3))
+    # the option survives a checkpoint, and a file without metadata shows it by its keys
+    atomic_save(m_t.state_dict(), tmp_path / "t.safetensors")
+    back = ZImageDiT.from_pretrained(tmp_path / "t.safetensors", config=cfg_t)
+    assert back.cfg.detailer.time_conditioning
+    assert infer_config({k: tuple(v.shape) for k, v in m_t.state_dict().items()}).detailer.time_conditioning
+    assert not infer_config({k: tuple(v.shape) for k, v in m_r.state_dict().items()}).detailer.time_conditioning
+    # from scratch (no transfer), the FiLM layers start at zero too
+    fresh = ZImageDiT(cfg_t).init_for_training_from_scratch(torch.Generator().manual_seed(0))
+    assert not fresh.local_decoder.film_enc1.weight.any()
+
+
 def test_channels_last_head_on_cpu_changes_only_rounding():
     """The CPU fast path (channels-last convs) gives the NCHW outputs and gradients up to fp32 rounding."""
     from l2p.model import DetailerHead

@@ -349,3 +349,19 @@ def test_large_patch_path_trains_only_its_embedder():
     assert not torch.equal(before["all_x_embedder.32-1.weight"], after["all_x_embedder.32-1.weight"])
     assert torch.equal(before["all_x_embedder.16-1.weight"], after["all_x_embedder.16-1.weight"])
     assert not torch.equal(before["local_decoder.out_conv.weight"], after["local_decoder.out_conv.weight"])
+
+
+def test_an_idle_embedder_is_frozen_and_left_out_of_the_step_file(tmp_path):
+    """Training at patch 32 never calls 16-1: it must not count as trainable (DDP would stop on it)."""
+    cfg = CFG4.replace(all_patch_size=(16, 32), all_f_patch_size=(1, 1))
+    model = ZImageDiT(cfg)
+    summary = prepare_trainable(model, quiet(policy="full", patch_size=32))
+    assert not any(k.startswith("all_x_embedder.16-1") for k in summary.trainable)
+    assert {"all_x_embedder.32-1.weight", "all_x_embedder.32-1.bias"} <= summary.trainable
+    train(model, ToyData(n=4, sizes=((64, 64),)), fake_encoder(), quiet(steps=1, batch_size=2, patch_size=32),
+          out_dir=tmp_path)
+    keys = set(read_state_dict(tmp_path / "step-1.safetensors"))
+    assert "all_x_embedder.32-1.weight" in keys and not any(k.startswith("all_x_embedder.16-1") for k in keys)
+    assert "all_x_embedder.16-1.weight" in prepare_trainable(ZImageDiT(CFG4), quiet()).trainable  # one embedder
+    with pytest.raises(ValueError, match="patch_size 8"):
+        prepare_trainable(ZImageDiT(cfg), quiet(patch_size=8))

@@ -75,6 +75,15 @@ EXPERIMENTS = [
                {"release (seeded ε, no dropout)": {}, "fresh ε every step": {"seeded_noise": False},
                 "caption dropout 0.1": {"caption_dropout": 0.1}},
                _LONG),
+    Experiment("head_time", "Does the Detailer Head need to know the noise level?",
+               "Not in the paper. The release's head has no time input: σ reaches it only through the DiT tokens at "
+               "its bottleneck, so its full-resolution convs act the same at every noise level. The variant adds a "
+               "zero-initialised FiLM from the timestep embedding after every head conv (`--head-time-conditioning`). "
+               "Crossed with fresh ε, as the two interact in single-seed probes.",
+               {"release head": {}, "σ-conditioned head": {"head_time": True},
+                "fresh ε": {"seeded_noise": False},
+                "σ-conditioned head + fresh ε": {"head_time": True, "seeded_noise": False}},
+               _LONG),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",
