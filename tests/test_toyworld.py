@@ -408,6 +408,24 @@ def test_accuracy_by_size_groups_prompts_by_their_objects():
     assert t.n.to_dict() == pd.Series(label).value_counts().to_dict()
 
 
+def test_velocity_error_is_measured_on_the_sources_own_renders():
+    """A zero model scores E‖ε − x0‖² at every σ; an oracle that knows the source's render scores 0."""
+    import numpy as np
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    n, seed = 6, 31
+    caps = list(sc.generate(n, seed, world.world)[1])
+    x0 = world.latent_pipeline().sample(caps, seed=seed, num_inference_steps=world.sample_steps,
+                                        cfg_scale=world.cfg_scale, height=64, width=64).float()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    zero = lambda xs, t, feats: torch.zeros_like(xs)  # noqa: E731
+    oracle = lambda xs, t, feats: x0 - (xs - t[0] * x0) / (1 - t[0])  # noqa: E731  (x0 − ε, ε solved from x_σ)
+    df = world.velocity_error({"zero": zero, "oracle": oracle}, sigmas=(0.2, 0.7), n=n, seed=seed)
+    assert list(df.index) == [0.2, 0.7]
+    assert np.allclose(df["zero"], ((eps - x0) ** 2).mean().item(), rtol=1e-5)
+    assert (df["oracle"] < 1e-8).all()
+
+
 def test_denoising_error_per_sigma_has_the_right_sign_and_references():
     """x̂0 = x_σ + σ·output: a zero output is the identity, an oracle output has no error."""
     import numpy as np
