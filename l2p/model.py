@@ -169,7 +169,8 @@ class DetailerHead(nn.Module):
     """U-Net over the full-resolution noisy image; DiT tokens join at the bottleneck (H / 2^depth).
 
     Keys follow the release's `MicroDiffusionModel`: enc{k}.0, bottleneck.0, up{k}.1, dec{k}.0, out_conv.
-    Time reaches the head only through the DiT features. A feature map of another size (e.g. from a
+    Time reaches the head only through the DiT features, unless `time_conditioning` adds FiLM layers
+    (film_enc{k}, film_dec{k}; not in the release). A feature map of another size (e.g. from a
     64-1 embedder for 4K) is resized to the bottleneck grid with nearest interpolation.
     """
 

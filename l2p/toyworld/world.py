@@ -248,16 +248,18 @@ class ToyWorld:
                             for k in range(0, n, batch_size)]).float()
             feats = self.text.encode_list(captions)
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+            def loss(model, xs, t) -> float:  # the mean over all n images, in batches
+                total = 0.0
+                for k in range(0, n, batch_size):
+                    b = slice(k, k + batch_size)
+                    total += flow_matching_loss(model(xs[b], t[b], feats[b]), x0[b], eps[b]).item() * len(x0[b])
+                return total / n
+
             rows = []
             for s in sigmas:
                 xs, t = add_noise(x0, eps, s), dit_time(torch.full((n,), float(s)))
-                row = {"sigma": s}
-                for name, m in pixel_models.items():
-                    row[name] = sum(flow_matching_loss(m(xs[k:k + batch_size], t[k:k + batch_size],
-                                                         feats[k:k + batch_size]), x0[k:k + batch_size],
-                                                       eps[k:k + batch_size]).item() * len(xs[k:k + batch_size])
-                                    for k in range(0, n, batch_size)) / n
-                rows.append(row)
+                rows.append({"sigma": s, **{name: loss(m, xs, t) for name, m in pixel_models.items()}})
         return pd.DataFrame(rows).set_index("sigma")
 
     def guidance_sweep(self, pipe, scales: Sequence[float], prompts: Optional[Sequence[Prompt]] = None,
