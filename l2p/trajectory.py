@@ -55,23 +55,34 @@ class Trajectory:
     features: Optional[torch.Tensor] = None  # (S, B, D, H/16, W/16) conditional-pass image tokens
     x0_cond: Optional[torch.Tensor] = None  # (S, B, C, h, w) conditional-pass x0 (pixel side: the head's output)
     config: dict = field(default_factory=dict)
+    kept: Optional[list[int]] = None  # schedule steps captured (capture's keep_steps); None: all of them
 
     @property
     def num_steps(self) -> int:
+        """Captured steps S (fewer than the schedule's when only some were kept)."""
         return self.x_t.shape[0]
+
+    @property
+    def step_index(self) -> list[int]:
+        """The schedule step of each captured step, (S,)."""
+        return list(self.kept) if self.kept is not None else list(range(self.num_steps))
 
     @property
     def step_sigmas(self) -> torch.Tensor:
         """σ at which each captured step was evaluated, (S,)."""
-        return self.sigmas[:-1]
+        return self.sigmas[:-1][self.step_index]
 
 
-def _feature_velocity_fn(pipe: FlowPipeline, caps, neg_caps, cfg_scale: float, feats: list, x0_cond: list):
-    """`FlowPipeline.velocity_fn` with return_features=True, keeping the conditional half's tokens and x0."""
+def _feature_velocity_fn(pipe: FlowPipeline, caps, neg_caps, cfg_scale: float, feats: list, x0_cond: list,
+                         keep: set):
+    """`FlowPipeline.velocity_fn` with return_features=True, keeping the conditional half's tokens and x0
+    at the steps in `keep` (one call per Euler step)."""
     use_cfg = cfg_scale != 1.0
+    calls = iter(range(10 ** 9))
 
     @torch.no_grad()
     def fn(x, sigma):
+        step = next(calls)
         t = dit_time(sigma).to(pipe.device)
         b = x.shape[0]
         if use_cfg:
@@ -82,8 +93,9 @@ def _feature_velocity_fn(pipe: FlowPipeline, caps, neg_caps, cfg_scale: float, f
         else:
             out, aux = pipe.dit(x.to(pipe.dtype), t, caps, return_features=True)
             v = v_pos = velocity_from_output(out.float())
-        feats.append(torch.stack(aux["features"][:b]).float().cpu())
-        x0_cond.append(x0_from_velocity(x, v_pos, sigma).cpu())
+        if step in keep:
+            feats.append(torch.stack(aux["features"][:b]).float().cpu())
+            x0_cond.append(x0_from_velocity(x, v_pos, sigma).cpu())
         return v
     return fn
 
@@ -98,18 +110,27 @@ def _decode(pipe: FlowPipeline, x: torch.Tensor, batch: int = 64) -> torch.Tenso
 @torch.no_grad()
 def capture(pipe: FlowPipeline, prompts: Union[str, Sequence[str]], seed: int = 0, steps: int = 8,
             cfg_scale: float = 1.0, shift: float = 3.0, height: int = 64, width: int = 64,
-            negative_prompt: str = "", features: bool = True, name: Optional[str] = None) -> Trajectory:
-    """Sample like `pipe.sample` (same noise, schedule, guidance) and keep every step."""
+            negative_prompt: str = "", features: bool = True, name: Optional[str] = None,
+            keep_steps: Optional[Sequence[int]] = None) -> Trajectory:
+    """Sample like `pipe.sample` (same noise, schedule, guidance) and keep every step, or only `keep_steps`.
+
+    At 1024² the DiT features alone are ~63 MB per step and image (3840 × 64 × 64 floats), so keep a few
+    steps for real models; the final image is the same either way.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    kept = sorted(set(keep_steps)) if keep_steps is not None else list(range(steps))
+    if not kept or kept[0] < 0 or kept[-1] >= steps:
+        raise ValueError(f"keep_steps {list(keep_steps or [])}: indices in 0…{steps - 1}, at least one")
     caps = pipe.encode(prompts)
     neg = pipe.encode([negative_prompt] * len(prompts)) if cfg_scale != 1.0 else None
     x = pipe.initial_noise(len(prompts), height, width, seed)
     sigmas = sampling_sigmas(steps, shift).to(pipe.device)
     feats, x0c, infos = [], [], []
-    fn = (_feature_velocity_fn(pipe, caps, neg, cfg_scale, feats, x0c) if features
+    fn = (_feature_velocity_fn(pipe, caps, neg, cfg_scale, feats, x0c, set(kept)) if features
           else pipe.velocity_fn(caps, neg, cfg_scale))
+    keep_info = lambda info: infos.append(info) if info.step in kept else None  # noqa: E731
     t0 = time.perf_counter()
-    z = euler_sample(fn, x, sigmas, infos.append)
+    z = euler_sample(fn, x, sigmas, keep_info)
     final = pipe.to_pixels(z).float().cpu()
     seconds = time.perf_counter() - t0
 
@@ -122,7 +143,8 @@ def capture(pipe: FlowPipeline, prompts: Union[str, Sequence[str]], seed: int = 
         x_t_pixels=_decode(pipe, x_t) if latent else x_t, x0_pixels=_decode(pipe, x0) if latent else x0,
         final=final, seconds=seconds,
         features=torch.stack(feats) if features else None, x0_cond=torch.stack(x0c) if features else None,
-        config={"steps": steps, "cfg_scale": cfg_scale, "shift": shift, "height": height, "width": width})
+        config={"steps": steps, "cfg_scale": cfg_scale, "shift": shift, "height": height, "width": width},
+        kept=None if keep_steps is None else kept)
 
 
 def capture_pair(latent_pipe: FlowPipeline, pixel_pipe: FlowPipeline, prompts, seed: int = 0,
@@ -162,7 +184,7 @@ def trajectory_figure(trajs: Mapping[str, Trajectory], item: int = 0, steps: Opt
             ax.imshow(to_hwc(src[s, item]), interpolation="nearest")
             _blank(ax)
             if r == 0:
-                ax.set_title(f"step {s}  σ={float(tr.step_sigmas[s]):.2f}", fontsize=7)
+                ax.set_title(f"step {tr.step_index[s]}  σ={float(tr.step_sigmas[s]):.2f}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"{name} {kind}", fontsize=8)
         ax = axes[r, -1]
@@ -262,7 +284,7 @@ def pca_figure(trajs: Mapping[str, Trajectory], item: int = 0, steps: Optional[S
             axes[r, c].imshow(rgb[s, item].permute(1, 2, 0).numpy(), interpolation="nearest")
             _blank(axes[r, c])
             if r == 0:
-                axes[r, c].set_title(f"step {s}  σ={float(tr.step_sigmas[s]):.2f}", fontsize=7)
+                axes[r, c].set_title(f"step {tr.step_index[s]}  σ={float(tr.step_sigmas[s]):.2f}", fontsize=7)
         axes[r, 0].set_ylabel(f"{name} tokens", fontsize=8)
         axes[r, -1].imshow(to_hwc(tr.final[item]), interpolation="nearest")
         _blank(axes[r, -1])
@@ -386,7 +408,7 @@ def detailer_comparison(traj: Trajectory, readout: Optional[LinearReadout] = Non
     rows = []
     for s in range(traj.num_steps):
         resid = (head[s] - lin[s]).pow(2).sum() / (head[s] - head[s].mean()).pow(2).sum().clamp(min=1e-12)
-        rows.append({"step": s, "sigma": float(traj.step_sigmas[s]), "psnr": psnr(lin[s], head[s]),
+        rows.append({"step": traj.step_index[s], "sigma": float(traj.step_sigmas[s]), "psnr": psnr(lin[s], head[s]),
                      "residual_fraction": float(resid), "hf_ratio": high_frequency_energy_ratio(head[s], lin[s])})
     return DetailerComparison(traj.x_t_pixels, head, lin, traj.step_sigmas, pd.DataFrame(rows), in_sample)
 

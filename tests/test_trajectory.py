@@ -102,6 +102,20 @@ def test_capture_without_features(pipes):
         tj.detailer_comparison(tr)
 
 
+def test_capture_can_keep_only_some_steps(pipes, trajs):
+    """keep_steps stores a subset (memory at 1024²) with the same values; the final image is unchanged."""
+    full = trajs["pixel"]
+    some = tj.capture(pipes[1], PROMPTS, seed=3, keep_steps=[2, 0], **KW)
+    assert some.num_steps == 2 and some.step_index == [0, 2] and full.step_index == [0, 1, 2]
+    assert torch.equal(some.final, full.final)
+    for key in ("x_t", "x0", "velocity", "features", "x0_cond"):
+        assert torch.equal(getattr(some, key), getattr(full, key)[[0, 2]]), key
+    assert torch.equal(some.step_sigmas, full.step_sigmas[[0, 2]])
+    assert tj.detailer_comparison(some).table.step.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="keep_steps"):
+        tj.capture(pipes[1], PROMPTS, seed=3, keep_steps=[3], **KW)
+
+
 def test_pick_steps():
     assert tj.pick_steps(20, 6) == [0, 4, 8, 11, 15, 19]
     assert tj.pick_steps(3, 6) == [0, 1, 2]
