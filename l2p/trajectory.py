@@ -16,6 +16,7 @@ which is not the tokens' doing. The fit is in-sample by default, which flatters 
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
@@ -78,7 +79,7 @@ def _feature_velocity_fn(pipe: FlowPipeline, caps, neg_caps, cfg_scale: float, f
     """`FlowPipeline.velocity_fn` with return_features=True, keeping the conditional half's tokens and x0
     at the steps in `keep` (one call per Euler step)."""
     use_cfg = cfg_scale != 1.0
-    calls = iter(range(10 ** 9))
+    calls = itertools.count()
 
     @torch.no_grad()
     def fn(x, sigma):
@@ -125,10 +126,10 @@ def capture(pipe: FlowPipeline, prompts: Union[str, Sequence[str]], seed: int = 
     neg = pipe.encode([negative_prompt] * len(prompts)) if cfg_scale != 1.0 else None
     x = pipe.initial_noise(len(prompts), height, width, seed)
     sigmas = sampling_sigmas(steps, shift).to(pipe.device)
-    feats, x0c, infos = [], [], []
-    fn = (_feature_velocity_fn(pipe, caps, neg, cfg_scale, feats, x0c, set(kept)) if features
+    feats, x0c, infos, keep = [], [], [], set(kept)
+    fn = (_feature_velocity_fn(pipe, caps, neg, cfg_scale, feats, x0c, keep) if features
           else pipe.velocity_fn(caps, neg, cfg_scale))
-    keep_info = lambda info: infos.append(info) if info.step in kept else None  # noqa: E731
+    keep_info = lambda info: infos.append(info) if info.step in keep else None  # noqa: E731
     t0 = time.perf_counter()
     z = euler_sample(fn, x, sigmas, keep_info)
     final = pipe.to_pixels(z).float().cpu()
