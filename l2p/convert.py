@@ -141,7 +141,8 @@ def module_seed(seed: int, module: str) -> int:
 def new_module_init(module: str, shapes: dict[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
     """A new module's tensors: `release_init`, except the optional Detailer Head FiLM layers, which start at 0
     so that a time-conditioned head begins as the release's head."""
-    if module.startswith("local_decoder.film_"):
+    from l2p.model import FILM_PREFIX
+    if module.startswith("local_decoder." + FILM_PREFIX):
         return {leaf: torch.zeros(tuple(shape)) for leaf, shape in shapes.items()}
     return release_init(module, shapes, seed)
 

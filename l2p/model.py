@@ -165,6 +165,9 @@ class FinalLayer(nn.Module):
 #                                  Detailer Head (local_decoder)
 # ----------------------------------------------------------------------------------------------
 
+FILM_PREFIX = "film_"  # DetailerHead's optional time-conditioning layers; new ones start at zero (convert too)
+
+
 class DetailerHead(nn.Module):
     """U-Net over the full-resolution noisy image; DiT tokens join at the bottleneck (H / 2^depth).
 
@@ -199,7 +202,7 @@ class DetailerHead(nn.Module):
         if cfg.time_conditioning:
             for name in self.film_names():
                 width = getattr(self, name)[0].out_channels
-                setattr(self, f"film_{name}", nn.Linear(temb_dim, 2 * width))
+                setattr(self, FILM_PREFIX + name, nn.Linear(temb_dim, 2 * width))
             self.zero_film()
 
     def film_names(self) -> list[str]:
@@ -209,14 +212,14 @@ class DetailerHead(nn.Module):
     def zero_film(self) -> None:
         """FiLM layers output 0 (scale 1, shift 0): the head then computes exactly what the release's does."""
         for name in self.film_names() if self.time_conditioning else ():
-            nn.init.zeros_(getattr(self, f"film_{name}").weight)
-            nn.init.zeros_(getattr(self, f"film_{name}").bias)
+            nn.init.zeros_(getattr(self, FILM_PREFIX + name).weight)
+            nn.init.zeros_(getattr(self, FILM_PREFIX + name).bias)
 
     def _block(self, name: str, h: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
         h = getattr(self, name)(h)
         if not self.time_conditioning:
             return h
-        scale, shift = getattr(self, f"film_{name}")(temb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = getattr(self, FILM_PREFIX + name)(temb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
         return h * (1 + scale) + shift
 
     def forward(self, x: torch.Tensor, features: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:

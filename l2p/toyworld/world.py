@@ -47,6 +47,9 @@ class WorldSpec:
         return {"mode": self.mode, **self.ldm_key()}
 
 
+# Noise levels the per-σ probes (`denoising_error`, `velocity_error`) report.
+PROBE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
+
 SPECS = {
     "full": WorldSpec(),
     "smoke": WorldSpec(mode="smoke", ldm=ldm_train_config("smoke"), corpus_size=16, eval_prompts=16, sample_steps=2),
@@ -161,6 +164,16 @@ class ToyWorld:
                       build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
 
     # -- evaluation ------------------------------------------------------------------------------
+    def sample(self, pipe, texts: Sequence[str], seed: int = 0, batch_size: int = 64,
+               cfg_scale: Optional[float] = None, steps: Optional[int] = None, image_size: Optional[int] = None,
+               **kw) -> torch.Tensor:
+        """Images for `texts` in batches (batch k seeded seed + k), at the world's sampling settings by default."""
+        size = image_size or self.image_size
+        return torch.cat([pipe.sample(list(texts[k : k + batch_size]), seed=seed + k,
+                                      num_inference_steps=steps or self.sample_steps,
+                                      cfg_scale=cfg_scale or self.cfg_scale, height=size, width=size, **kw)
+                          for k in range(0, len(texts), batch_size)])
+
     def evaluate(self, pipe, prompts: Optional[Sequence[Prompt]] = None, seed: int = 0, batch_size: int = 64,
                  cfg_scale: Optional[float] = None, steps: Optional[int] = None, image_size: Optional[int] = None,
                  **kw) -> dict:
@@ -172,12 +185,7 @@ class ToyWorld:
         import torch.nn.functional as F
         prompts = list(prompts or self.prompts())
         size = image_size or self.image_size
-        imgs = []
-        for k in range(0, len(prompts), batch_size):
-            chunk = prompts[k : k + batch_size]
-            imgs.append(pipe.sample([p.text for p in chunk], seed=seed + k, num_inference_steps=steps or self.sample_steps,
-                                    cfg_scale=cfg_scale or self.cfg_scale, height=size, width=size, **kw))
-        gen = torch.cat(imgs)
+        gen = self.sample(pipe, [p.text for p in prompts], seed, batch_size, cfg_scale, steps, size, **kw)
         ref = to_tensor(np.stack([render(p.scene, size) for p in prompts]))
         spectral = spectral_fidelity(gen, ref)
         if size != self.image_size:
@@ -191,7 +199,7 @@ class ToyWorld:
                 "fid": toy_fid(gen_j, ref_j, self.evaluator), "kid": toy_kid(gen_j, ref_j, self.evaluator)[0],
                 "spectral": spectral}
 
-    def denoising_error(self, pixel_models: dict, sigmas: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95),
+    def denoising_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
                         n: int = 64, seed: int = 999) -> pd.DataFrame:
         """MSE of each model's one-step x̂0 against held-out ground truth, per noise level σ (conditional, no cfg).
 
@@ -228,7 +236,7 @@ class ToyWorld:
                 rows.append(row)
         return pd.DataFrame(rows).set_index("sigma")
 
-    def velocity_error(self, pixel_models: dict, sigmas: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95),
+    def velocity_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
                        n: int = 200, seed: int = 77_777, batch_size: int = 50) -> pd.DataFrame:
         """Each pixel model's flow-matching loss (velocity MSE, conditional) per σ on held-out source renders.
 
@@ -241,11 +249,7 @@ class ToyWorld:
 
         captions = list(generate(n, seed, self.world)[1])
         with torch.no_grad():
-            x0 = torch.cat([self.latent_pipeline().sample(captions[k:k + batch_size], seed=seed + k,
-                                                          num_inference_steps=self.sample_steps,
-                                                          cfg_scale=self.cfg_scale, height=self.image_size,
-                                                          width=self.image_size)
-                            for k in range(0, n, batch_size)]).float()
+            x0 = self.sample(self.latent_pipeline(), captions, seed, batch_size).float()
             feats = self.text.encode_list(captions)
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
