@@ -652,7 +652,8 @@ def infer_config(shapes: dict[str, Sequence[int]], base: Optional[DiTConfig] = N
         # Fields the shapes cannot show (what the head predicts) come from the metadata (base) when there is one.
         known = base.detailer if base is not None and base.detailer is not None else DetailerConfig()
         detailer = replace(known, channels=channels, out_channels=need("local_decoder.out_conv.weight")[0],
-                           time_conditioning="local_decoder.film_enc1.weight" in shapes)
+                           time_conditioning="local_decoder.film_enc1.weight" in shapes,
+                           upsample="learned" if "local_decoder.up1.0.weight" in shapes else "nearest")
 
     base = base or (l2p_1k() if detailer else z_image_turbo())
     q_norm = shapes.get("layers.0.attention.norm_q.weight")

@@ -13,6 +13,7 @@ ADALN_EMBED_DIM = 256  # width of the timestep embedding fed to every adaLN Line
 SEQ_MULTI_OF = 32  # image and caption tokens are each padded to a multiple of this
 X_PRED_SIGMA_MIN = 0.05  # x-prediction divides by σ; clamp it as JiT does so the last steps stay finite
 PREDICTIONS = ("velocity", "x", "edm")
+UPSAMPLES = ("nearest", "learned")
 EDM_SIGMA_DATA = 0.5  # the std of x0 that "edm" preconditioning assumes (Karras et al. use 0.5 for [-1, 1] images)
 
 
@@ -33,10 +34,17 @@ class DetailerConfig:
     # the DiT's timestep embedding, zero-initialised: it starts as the release head) after every encoder and
     # decoder conv, keys local_decoder.film_enc{k} / film_dec{k}. Not in the paper.
     time_conditioning: bool = False
+    # How the decoder goes up a level. "nearest": the release (nearest ×2, then the 3×3 conv up{k}.1), so the
+    # four pixels under a coarse pixel start from one vector and a DiT token alone cannot place detail inside its
+    # 16×16 patch. "learned": a 2×2 stride-2 transposed conv (up{k}.0, initialised to nearest, so it starts as
+    # the release) gives each sub-position its own weights before up{k}.1. Not in the paper.
+    upsample: str = "nearest"
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"Detailer Head prediction {self.prediction!r}: expected one of {PREDICTIONS}")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"Detailer Head upsample {self.upsample!r}: expected one of {UPSAMPLES}")
 
     @property
     def depth(self) -> int:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from l2p.checkpoint import (CheckpointError, CheckpointReader, StreamingWriter, check_not_input,
                             checkpoint_config, dtype_name, model_shapes, parse_size, same_bytes)
-from l2p.config import PREDICTIONS, DetailerConfig, DiTConfig
+from l2p.config import PREDICTIONS, UPSAMPLES, DetailerConfig, DiTConfig
 
 OUT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 PAPER_FIRST_TRAINABLE, PAPER_LAST_TRAINABLE = 5, 5  # `freeze_except`: layers[5 : n_layers - 5] stay frozen
@@ -139,11 +139,13 @@ def module_seed(seed: int, module: str) -> int:
 
 
 def new_module_init(module: str, shapes: dict[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
-    """A new module's tensors: `release_init`, except the optional Detailer Head FiLM layers, which start at 0
-    so that a time-conditioned head begins as the release's head."""
-    from l2p.model import FILM_PREFIX
+    """A new module's tensors: `release_init`, except the Detailer Head's optional layers, which start where
+    the release's head is: FiLM layers at 0, learned upsamplers (up{k}.0) as nearest ×2."""
+    from l2p.model import FILM_PREFIX, nearest_upsample_weight
     if module.startswith("local_decoder." + FILM_PREFIX):
         return {leaf: torch.zeros(tuple(shape)) for leaf, shape in shapes.items()}
+    if re.fullmatch(r"local_decoder\.up\d+\.0", module):
+        return {"weight": nearest_upsample_weight(shapes["weight"][0]), "bias": torch.zeros(tuple(shapes["bias"]))}
     return release_init(module, shapes, seed)
 
 
@@ -435,6 +437,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-time-conditioning", action="store_true",
                    help="give the Detailer Head FiLM layers driven by the DiT's timestep embedding (zero-initialised; "
                         "not in the release, whose head has no time input)")
+    p.add_argument("--head-upsample", choices=UPSAMPLES, default="nearest",
+                   help="how the Detailer Head's decoder goes up a level: nearest (the release) or learned (a 2x2 "
+                        "transposed conv that starts as nearest; not in the release)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default one file, as the release")
     p.add_argument("--overwrite", action="store_true")
@@ -450,9 +455,9 @@ def run_convert(a: argparse.Namespace) -> int:
     if a.sample_images:
         images = list(load_sample_images(a.sample_images, a.image_size))
     detailer = DetailerConfig(channels=tuple(a.detailer_channels)) if a.detailer_channels else None
-    if a.prediction != "velocity" or a.head_time_conditioning:
+    if a.prediction != "velocity" or a.head_time_conditioning or a.head_upsample != "nearest":
         detailer = replace(detailer or DetailerConfig.for_patch(a.patch_sizes[0]), prediction=a.prediction,
-                           time_conditioning=a.head_time_conditioning)
+                           time_conditioning=a.head_time_conditioning, upsample=a.head_upsample)
     try:
         report = convert(a.latent_ckpt_files, a.output_path, patch_sizes=tuple(a.patch_sizes), detailer=detailer,
                          init=a.init, out_dtype=a.dtype, seed=a.seed, max_shard_bytes=parse_size(a.max_shard_size),

@@ -168,12 +168,18 @@ class FinalLayer(nn.Module):
 FILM_PREFIX = "film_"  # DetailerHead's optional time-conditioning layers; new ones start at zero (convert too)
 
 
+def nearest_upsample_weight(channels: int) -> torch.Tensor:
+    """The 2×2 stride-2 ConvTranspose2d weight (in, out, 2, 2) that computes nearest ×2 upsampling."""
+    return torch.eye(channels)[:, :, None, None].expand(channels, channels, 2, 2).clone()
+
+
 class DetailerHead(nn.Module):
     """U-Net over the full-resolution noisy image; DiT tokens join at the bottleneck (H / 2^depth).
 
     Keys follow the release's `MicroDiffusionModel`: enc{k}.0, bottleneck.0, up{k}.1, dec{k}.0, out_conv.
     Time reaches the head only through the DiT features, unless `time_conditioning` adds FiLM layers
-    (film_enc{k}, film_dec{k}; not in the release). A feature map of another size (e.g. from a
+    (film_enc{k}, film_dec{k}; not in the release). `upsample="learned"` puts a transposed conv at up{k}.0
+    where the release has a parameter-free nearest upsample. A feature map of another size (e.g. from a
     64-1 embedder for 4K) is resized to the bottleneck grid with nearest interpolation.
     """
 
@@ -192,9 +198,11 @@ class DetailerHead(nn.Module):
         self.pool = nn.MaxPool2d(2, stride=2)
         self.bottleneck = nn.Sequential(nn.Conv2d(ch[-1] + dim, ch[-1], 1), nn.SiLU())
         c_up = ch[-1]
+        self.upsample = cfg.upsample
         for k in range(d, 0, -1):
-            setattr(self, f"up{k}", nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                  nn.Conv2d(c_up, c_up, 3, padding=1)))
+            up = (nn.ConvTranspose2d(c_up, c_up, 2, stride=2) if cfg.upsample == "learned"
+                  else nn.Upsample(scale_factor=2, mode="nearest"))
+            setattr(self, f"up{k}", nn.Sequential(up, nn.Conv2d(c_up, c_up, 3, padding=1)))
             c_out = ch[k - 2] if k >= 2 else ch[0]
             setattr(self, f"dec{k}", nn.Sequential(nn.Conv2d(c_up + ch[k - 1], c_out, 3, padding=1), nn.SiLU()))
             c_up = c_out
@@ -204,6 +212,7 @@ class DetailerHead(nn.Module):
                 width = getattr(self, name)[0].out_channels
                 setattr(self, FILM_PREFIX + name, nn.Linear(temb_dim, 2 * width))
             self.zero_film()
+        self.nearest_upsample_init()
 
     def film_names(self) -> list[str]:
         """The conv blocks a FiLM follows: enc1…encD, decD…dec1."""
@@ -214,6 +223,14 @@ class DetailerHead(nn.Module):
         for name in self.film_names() if self.time_conditioning else ():
             nn.init.zeros_(getattr(self, FILM_PREFIX + name).weight)
             nn.init.zeros_(getattr(self, FILM_PREFIX + name).bias)
+
+    def nearest_upsample_init(self) -> None:
+        """Learned upsamplers start as nearest ×2 (so the head starts as the release's); no-op otherwise."""
+        for k in range(1, self.depth + 1) if self.upsample == "learned" else ():
+            conv = getattr(self, f"up{k}")[0]
+            with torch.no_grad():
+                conv.weight.copy_(nearest_upsample_weight(conv.in_channels))
+                conv.bias.zero_()
 
     def _block(self, name: str, h: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
         h = getattr(self, name)(h)

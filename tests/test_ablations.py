@@ -1,4 +1,5 @@
 """The ablation verdicts are computed from the runs: check them on hand-made curves."""
+import numpy as np
 import pandas as pd
 
 from l2p.toyworld.ablations import final_table, get_experiment, steps_to_reach, variant_config, verdict
@@ -79,7 +80,8 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     """Runs cached before the late options existed keep their keys; setting one makes a new run."""
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
-    late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time")
+    late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time",
+            "head_upsample")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
@@ -87,6 +89,7 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     assert FinetuneConfig(head_channels=(16, 32, 64, 64)).key()["head_channels"] == (16, 32, 64, 64)
     assert FinetuneConfig(caption_dropout=0.1).key()["caption_dropout"] == 0.1
     assert FinetuneConfig(head_time=True).key()["head_time"] is True
+    assert FinetuneConfig(head_upsample="learned").key()["head_upsample"] == "learned"
 
 
 def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
@@ -142,3 +145,34 @@ def test_a_time_conditioned_head_run_converts_with_film_and_trains_it():
     run = finetune(world, cfg, progress=False)
     assert run.model.cfg.detailer.time_conditioning and run.model.local_decoder.film_dec1.weight.any()
     assert run.path != finetune(world, FINETUNE_MODES["smoke"], progress=False).path
+
+
+def test_a_learned_upsampling_head_run_converts_with_nearest_upsamplers_and_trains_them():
+    """head_upsample="learned" goes through `l2p convert` (nearest ×2 in the init file), then the upsamplers learn."""
+    import torch
+    from l2p.model import nearest_upsample_weight
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune, initial_model
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    cfg = FINETUNE_MODES["smoke"].replace(head_upsample="learned")
+    init = initial_model(world, cfg)
+    w = init.local_decoder.up1[0].weight
+    assert init.cfg.detailer.upsample == "learned" and torch.equal(w, nearest_upsample_weight(w.shape[0]))
+    run = finetune(world, cfg, progress=False)
+    assert run.model.cfg.detailer.upsample == "learned"
+    assert not torch.equal(run.model.local_decoder.up1[0].weight, w)
+
+
+def test_check_accuracy_re_scores_the_final_evaluation_exactly():
+    """check_accuracy re-samples each run's last evaluation: its "overall" is the final toy-GenEval of the curves."""
+    from l2p.toyworld.ablations import check_accuracy, final_samples, run_experiment, variant_runs
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    checks = check_accuracy(world, "head_upsample", seeds=(0, 1))
+    assert list(checks.index) == list(get_experiment("head_upsample").variants)
+    assert {"shape", "color", "overall"} <= set(checks.columns) and checks.le(1).all().all()
+    table = final_table(run_experiment(world, "head_upsample", seeds=(0, 1)))
+    assert np.allclose(checks["overall"].values, table["geneval mean"].values)
+    runs = variant_runs(world, "head_upsample")
+    assert runs["learned upsampling"].model.cfg.detailer.upsample == "learned"
+    assert len(final_samples(runs).axes) >= 2 * 8

@@ -354,6 +354,23 @@ def test_cli_head_time_conditioning_converts_with_zero_film(latent, tmp_path):
     assert ZImageDiT.from_pretrained(timed).cfg.detailer.time_conditioning
 
 
+def test_cli_head_upsample_learned_converts_with_nearest_upsamplers(latent, tmp_path):
+    """--head-upsample learned: up{k}.0 are new tensors written as nearest ×2; the rest as without it."""
+    from safetensors.torch import load_file
+    from l2p.model import nearest_upsample_weight
+    plain, learned = tmp_path / "p.safetensors", tmp_path / "l.safetensors"
+    base = ["--latent-ckpt-files", str(latent[-1]), "--detailer-channels", "8", "8", "16", "32", "--seed", "1"]
+    assert main_convert(base + ["--output-path", str(plain)]) == 0
+    assert main_convert(base + ["--output-path", str(learned), "--head-upsample", "learned"]) == 0
+    p, q = load_file(plain), load_file(learned)
+    new = sorted(set(q) - set(p))
+    assert new == sorted(f"local_decoder.up{k}.0.{leaf}" for k in range(1, 5) for leaf in ("bias", "weight"))
+    assert all(torch.equal(q[k], nearest_upsample_weight(q[k].shape[0])) for k in new if k.endswith("weight"))
+    assert not any(q[k].any() for k in new if k.endswith("bias"))
+    assert all(torch.equal(p[k], q[k]) for k in p)
+    assert ZImageDiT.from_pretrained(learned).cfg.detailer.upsample == "learned"
+
+
 def test_subparsers_register():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -318,6 +318,46 @@ def test_time_conditioned_head_starts_as_the_release_head_and_then_depends_on_si
     assert not fresh.local_decoder.film_enc1.weight.any()
 
 
+def test_learned_upsampling_head_starts_as_the_release_head_and_can_place_detail_inside_a_token(tmp_path):
+    """upsample="learned": a 2×2 transposed conv at up{k}.0 (new keys), nearest at init, position-aware after."""
+    from dataclasses import replace
+    from l2p.checkpoint import atomic_save, infer_config
+    from l2p.model import DetailerHead, nearest_upsample_weight
+    cfg_r = tiny_pixel()
+    cfg_l = cfg_r.replace(detailer=replace(cfg_r.detailer, upsample="learned"))
+    m_r, m_l = random_model(cfg_r), ZImageDiT(cfg_l)
+    missing, unexpected = m_l.load_state_dict(m_r.state_dict(), strict=False)
+    depth, ch = cfg_r.detailer.depth, cfg_r.detailer.channels
+    assert not unexpected and sorted(missing) == sorted(
+        f"local_decoder.up{k}.0.{leaf}" for k in range(1, depth + 1) for leaf in ("weight", "bias"))
+    assert m_l.local_decoder.up1[0].weight.shape == (ch[0], ch[0], 2, 2)
+    x, t = torch.randn(2, 3, 32, 48), torch.tensor([0.1, 0.9])
+    caps = [torch.randn(4, cfg_r.cap_feat_dim)] * 2
+    with torch.no_grad():
+        assert torch.allclose(m_l(x, t, caps), m_r(x, t, caps), atol=1e-6)  # nearest at init: the release head
+        feat = torch.randn(1, 5, 3, 4)
+        assert torch.equal(torch.nn.functional.conv_transpose2d(feat, nearest_upsample_weight(5), stride=2),
+                           torch.nn.functional.interpolate(feat, scale_factor=2, mode="nearest"))
+        # A lone bottleneck value: nearest gives its 2×2 children one value; a trained upsampler need not.
+        head = DetailerHead(replace(cfg_r.detailer, upsample="learned"), dim=4)
+        up = head.up1[0]
+        torch.nn.init.normal_(up.weight, generator=torch.Generator().manual_seed(0))
+        kids = up(torch.ones(1, up.in_channels, 1, 1))[0, 0]
+        assert kids.shape == (2, 2) and kids.std() > 0
+        listed = m_l([x[0], x[1][:, :16]], t, caps)  # mixed sizes still work
+        assert torch.allclose(listed[1], m_l(x[1:, :, :16], t[1:], caps[:1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="upsample"):
+        DetailerConfig(upsample="bilinear")
+    # the option survives a checkpoint, and a file without metadata shows it by its keys
+    atomic_save(m_l.state_dict(), tmp_path / "l.safetensors")
+    assert ZImageDiT.from_pretrained(tmp_path / "l.safetensors", config=cfg_l).cfg.detailer.upsample == "learned"
+    assert infer_config({k: tuple(v.shape) for k, v in m_l.state_dict().items()}).detailer.upsample == "learned"
+    assert infer_config({k: tuple(v.shape) for k, v in m_r.state_dict().items()}).detailer.upsample == "nearest"
+    # from scratch (no transfer) the upsamplers start as nearest too
+    fresh = ZImageDiT(cfg_l).init_for_training_from_scratch(torch.Generator().manual_seed(0))
+    assert torch.equal(fresh.local_decoder.up2[0].weight, nearest_upsample_weight(ch[1]))
+
+
 def test_channels_last_head_on_cpu_changes_only_rounding():
     """The CPU fast path (channels-last convs) gives the NCHW outputs and gradients up to fp32 rounding."""
     from l2p.model import DetailerHead

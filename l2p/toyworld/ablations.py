@@ -84,6 +84,14 @@ EXPERIMENTS = [
                 "fresh ε": {"seeded_noise": False},
                 "σ-conditioned head + fresh ε": {"head_time": True, "seeded_noise": False}},
                _LONG),
+    Experiment("head_upsample", "Can the Detailer Head draw a shape inside one token?",
+               "Not in the paper. The toy's objects are 10–24 px across, about one 16-px token, and shape is where the "
+               "pixel model falls furthest behind the source. The release head goes up a level by nearest ×2, so the "
+               "four pixels under a coarse pixel start from one vector: what a token alone says cannot vary inside its "
+               "patch, and detail there must come through the noisy image's skips. The variant learns the upsampling "
+               "(a 2×2 transposed conv that starts as nearest, `--head-upsample learned`).",
+               {"release head (nearest)": {}, "learned upsampling": {"head_upsample": "learned"}},
+               _LONG),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",
@@ -122,6 +130,44 @@ def run_experiment(world, exp: Experiment | str, mode: Optional[str] = None, see
             ev["final_loss"] = float(run.history["loss"].tail(25).mean())
             rows.append(ev)
     return pd.concat(rows, ignore_index=True)
+
+
+def variant_runs(world, exp: Experiment | str, mode: Optional[str] = None, seed: int = 0) -> dict:
+    """Each variant's run (cached) for one seed: {label: FinetuneRun}."""
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    mode = mode or world.mode
+    return {label: finetune(world, variant_config(exp, ov, mode, seed), progress=False)
+            for label, ov in exp.variants.items()}
+
+
+def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, seeds=None) -> pd.DataFrame:
+    """Each judge check's accuracy (shape, colour, …) of every variant's final model, mean over seeds.
+
+    Re-samples each run's last evaluation exactly (same prompts, seed and settings), so the "overall" column
+    equals that run's final toy-GenEval.
+    """
+    from .evaluator import Evaluator
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    mode = mode or world.mode
+    rows = []
+    for seed in seeds or SEEDS[mode]:
+        for label, run in variant_runs(world, exp, mode, seed).items():
+            cfg = run.config
+            r = world.evaluate(world.pixel_pipeline(run.model.eval()), world.prompts(cfg.eval_prompts, seed=4242),
+                               seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
+            rows.append({"variant": label, "seed": seed, **Evaluator.attribute_accuracy(r["scores"]),
+                         "overall": r["geneval"]})
+    df = pd.DataFrame(rows)
+    return df.drop(columns="seed").groupby("variant", sort=False).mean()
+
+
+def final_samples(runs: dict, title: str = "final samples, seed 0 (one row per variant)") -> Figure:
+    """The last evaluation's first 8 samples of each run, a row per run (same prompts and seeds in each row)."""
+    from .. import viz
+    import torch
+    finals = [(label, r.samples[max(r.samples)]) for label, r in runs.items()]
+    return viz.image_grid(torch.cat([imgs for _, imgs in finals]), ncols=len(finals[0][1]), size=1.3,
+                          row_labels=[label for label, _ in finals], fontsize=7, suptitle=title)
 
 
 def final_table(curves: pd.DataFrame) -> pd.DataFrame:

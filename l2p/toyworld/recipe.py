@@ -47,6 +47,7 @@ class FinetuneConfig:
     caption_dropout: float = 0.0  # the release trains on captions only; > 0 also trains the unconditional branch
     lr_decay: str = "constant"  # the release keeps the learning rate constant; "cosine" decays it to 0
     head_time: bool = False  # True: a σ-conditioned (FiLM) Detailer Head, DetailerConfig.time_conditioning
+    head_upsample: str = "nearest"  # "learned": transposed-conv upsampling in the head, DetailerConfig.upsample
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
@@ -57,7 +58,8 @@ class FinetuneConfig:
 
 
 _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None, "seeded_noise": True,
-                "caption_dropout": 0.0, "lr_decay": "constant", "head_time": False}
+                "caption_dropout": 0.0, "lr_decay": "constant", "head_time": False,
+                "head_upsample": "nearest"}
 
 
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
@@ -104,6 +106,8 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
            "detailer": {"channels": list(detailer.channels), "out_channels": detailer.out_channels}}
     if detailer.time_conditioning:  # only then, so that the keys of earlier inits stay valid
         key["detailer"]["time_conditioning"] = True
+    if detailer.upsample != "nearest":
+        key["detailer"]["upsample"] = detailer.upsample
     path = cached("toy_pixel_init", key, seed, build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
     return path / "pixel_init.safetensors"
 
@@ -111,9 +115,9 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
 def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
     """The converted init, or the same architecture from scratch for the no-transfer baseline."""
     det = DetailerConfig(channels=tuple(cfg.head_channels or TOY_DETAILER.channels), prediction=cfg.prediction,
-                         time_conditioning=cfg.head_time)
+                         time_conditioning=cfg.head_time, upsample=cfg.head_upsample)
     path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
-                      detailer=DetailerConfig(channels=det.channels, time_conditioning=det.time_conditioning))
+                      detailer=replace(det, prediction="velocity"))
     model = ZImageDiT.from_pretrained(path)
     model.cfg = model.cfg.replace(detailer=det)  # what the head predicts does not change its weights
     if cfg.init == "scratch":
