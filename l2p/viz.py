@@ -81,13 +81,14 @@ def curves(df, x: str, ys: Sequence[str], title: str = "", logy: bool = False, s
     return fig if fig is not None else ax.figure
 
 
-def per_sigma_plot(df, title: str, references: Sequence[str] = ()) -> Figure:
-    """One line per column of a σ-indexed table (log y); `references` (baselines, floors) dashed."""
+def per_sigma_plot(df, title: str, references: Sequence[str] = (), logy: bool = True) -> Figure:
+    """One line per column of a σ-indexed table (log y unless `logy=False`); `references` (baselines) dashed."""
     fig = Figure(figsize=(5.5, 3.4), layout="constrained")
     ax = fig.subplots()
     for col in df.columns:
         ax.plot(df.index, df[col], "--" if col in references else "o-", label=col)
-    ax.set_yscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel("σ")
     ax.set_title(title)
     ax.legend(fontsize=7)

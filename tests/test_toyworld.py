@@ -426,6 +426,28 @@ def test_velocity_error_is_measured_on_the_sources_own_renders():
     assert (df["oracle"] < 1e-8).all()
 
 
+def test_denoising_checks_judge_each_one_step_x0_per_sigma():
+    """An oracle's x̂0 is the truth, so it scores what the judge scores on ground truth; a zero output is x_σ."""
+    import numpy as np
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    n, seed = 8, 21
+    prompts = world.prompts(n, seed=seed)
+    x0 = sc.to_tensor(np.stack([sc.render(p.scene, world.image_size) for p in prompts]))
+    zero = lambda xs, t, feats: torch.zeros_like(xs)  # noqa: E731
+    oracle = lambda xs, t, feats: (x0 - xs) / (1 - t[0])  # noqa: E731
+    df = world.denoising_checks({"zero": zero, "oracle": oracle}, sigmas=(0.1, 0.9), n=n, seed=seed)
+    models = ["identity", "zero", "oracle", "source LDM (decoded)", "identity (latent, decoded)",
+              "VAE reconstruction"]
+    assert list(df.index) == [(s, m) for s in (0.1, 0.9) for m in models]
+    truth = Evaluator.attribute_accuracy(world.evaluator.score(x0, prompts))
+    for s in (0.1, 0.9):
+        assert df.loc[(s, "oracle"), "shape"] == truth["shape"]
+        assert df.loc[(s, "zero")].equals(df.loc[(s, "identity")])
+    assert df.loc[(0.1, "VAE reconstruction")].equals(df.loc[(0.9, "VAE reconstruction")])
+    assert df[["shape", "overall"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
 def test_denoising_error_per_sigma_has_the_right_sign_and_references():
     """x̂0 = x_σ + σ·output: a zero output is the identity, an oracle output has no error."""
     import numpy as np

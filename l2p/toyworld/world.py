@@ -199,6 +199,35 @@ class ToyWorld:
                 "fid": toy_fid(gen_j, ref_j, self.evaluator), "kid": toy_kid(gen_j, ref_j, self.evaluator)[0],
                 "spectral": spectral}
 
+    def _one_step_x0(self, pixel_models: dict, x0: torch.Tensor, feats, sigmas: Sequence[float], seed: int):
+        """[(σ, {name: one-step x̂0 in pixels})] for "identity" (x_σ itself), each pixel model, the source LDM
+        (noised, predicted in latent space and decoded), its noisy input z_σ decoded (the latent identity), and
+        the VAE reconstruction of x0 (the same at every σ)."""
+        from ..flow import add_noise, velocity_from_output, x0_from_velocity
+        from ..schedule import dit_time
+        from .vae import decode, encode
+
+        def x0_hat(model, x_t, s, t):
+            return x0_from_velocity(x_t, velocity_from_output(model(x_t, t, feats)), s)
+
+        n, steps = len(x0), []
+        g = torch.Generator().manual_seed(seed)
+        eps = torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            z0 = encode(self.vae, x0)
+            eps_z = torch.randn(z0.shape, generator=g)
+            recon = decode(self.vae, z0)
+            for s in sigmas:
+                t = dit_time(torch.full((n,), s))
+                xs = add_noise(x0, eps, s)
+                out = {"identity": xs, **{name: x0_hat(m, xs, s, t) for name, m in pixel_models.items()}}
+                zs = add_noise(z0, eps_z, s)
+                out["source LDM (decoded)"] = decode(self.vae, x0_hat(self.source, zs, s, t))
+                out["identity (latent, decoded)"] = decode(self.vae, zs)
+                out["VAE reconstruction"] = recon
+                steps.append((s, out))
+        return steps
+
     def denoising_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
                         n: int = 64, seed: int = 999) -> pd.DataFrame:
         """MSE of each model's one-step x̂0 against held-out ground truth, per noise level σ (conditional, no cfg).
@@ -208,33 +237,32 @@ class ToyWorld:
         reference, the same at every σ). A pixel model above "identity" adds noise at that σ instead of
         removing it.
         """
-        from ..flow import add_noise, velocity_from_output, x0_from_velocity
-        from ..schedule import dit_time
-        from .vae import decode, encode
-
-        def x0_hat(model, x_t, s, t, feats):
-            return x0_from_velocity(x_t, velocity_from_output(model(x_t, t, feats)), s)
-
         images, captions = generate(n, seed, self.world)[:2]
         x0, feats = to_tensor(images), self.text.encode_list(list(captions))
-        g = torch.Generator().manual_seed(seed)
-        eps = torch.randn(x0.shape, generator=g)
-        with torch.no_grad():
-            z0 = encode(self.vae, x0)
-            eps_z = torch.randn(z0.shape, generator=g)
-            recon = ((decode(self.vae, z0) - x0) ** 2).mean().item()
-            rows = []
-            for s in sigmas:
-                t = dit_time(torch.full((n,), s))
-                xs = add_noise(x0, eps, s)
-                row = {"sigma": s, "identity": ((xs - x0) ** 2).mean().item()}
-                for name, m in pixel_models.items():
-                    row[name] = ((x0_hat(m, xs, s, t, feats) - x0) ** 2).mean().item()
-                zhat = x0_hat(self.source, add_noise(z0, eps_z, s), s, t, feats)
-                row["source LDM (decoded)"] = ((decode(self.vae, zhat) - x0) ** 2).mean().item()
-                row["VAE reconstruction"] = recon
-                rows.append(row)
-        return pd.DataFrame(rows).set_index("sigma")
+        return pd.DataFrame([{"sigma": s, **{name: ((x - x0) ** 2).mean().item() for name, x in out.items()}}
+                             for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed)]
+                            ).set_index("sigma")
+
+    def denoising_checks(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS, n: int = 100,
+                         seed: int = 4242) -> pd.DataFrame:
+        """The judge on each model's one-step x̂0 of ground-truth renders, per σ: where is a shape lost?
+
+        Rows (sigma, model); columns: each judge check's accuracy (shape, colour, …) and "overall", the
+        toy-GenEval of those x̂0 as if they were samples. The models get the noisy truth, so a check they fail
+        at some σ is one their prediction loses although the input still held it (at low σ) or one they cannot
+        yet infer from the caption (near σ = 1, where a mean prediction is blurry by design).
+        "identity" scores x_σ itself; "VAE reconstruction" bounds the source LDM at every σ.
+        """
+        prompts = self.prompts(n, seed=seed)
+        x0 = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
+        feats = self.text.encode_list([p.text for p in prompts])
+        rows = []
+        for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed):
+            for name, x in out.items():
+                scores = self.evaluator.score(x.clamp(-1, 1), prompts)
+                rows.append({"sigma": s, "model": name, **Evaluator.attribute_accuracy(scores),
+                             "overall": float(Evaluator.summary(scores).loc["overall", "accuracy"])})
+        return pd.DataFrame(rows).set_index(["sigma", "model"])
 
     def velocity_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
                        n: int = 200, seed: int = 77_777, batch_size: int = 50) -> pd.DataFrame:
