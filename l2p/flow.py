@@ -43,3 +43,20 @@ def noise_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor)
 def flow_matching_loss(raw: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Plain MSE between −DiT(x_σ) and ε − x0, in float32 (the release's unweighted loss)."""
     return F.mse_loss(velocity_from_output(raw).float(), velocity_target(x0, noise).float())
+
+
+def latent_matching_loss(raw: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
+                         encoder) -> torch.Tensor:
+    """MSE between a frozen encoder's latents of the one-step x̂0 and of x0 (an option; not in the release).
+
+    Pixel MSE weighs every pixel alike, so the outline that tells a small circle from a square costs little;
+    a VAE encoder's latents weigh what its decoder needs to draw the image. Gradients reach the model
+    through x̂0 = x_σ − σ·v̂; the encoder's own weights should be frozen.
+    """
+    x0_hat = x0_from_velocity(x_t.float(), velocity_from_output(raw).float(), sigma)
+    with torch.no_grad():
+        target = encoder(x0.float())
+    z = encoder(x0_hat)
+    if x0_hat.requires_grad and not z.requires_grad:
+        raise ValueError("the latent encoder cuts the gradient to x̂0 (does it run under torch.no_grad?)")
+    return F.mse_loss(z.float(), target.float())

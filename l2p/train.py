@@ -42,7 +42,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, key_seed, read_state_dict
-from .flow import add_noise, flow_matching_loss
+from .flow import add_noise, flow_matching_loss, latent_matching_loss
 from .freeze import FreezeSummary, apply_policy, canonical, parameter_table
 from .schedule import dit_time, sample_training_sigma
 
@@ -76,6 +76,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     offload_text_encoder: bool = False  # encode every prompt once up front, then move the encoder to the CPU
     ema_decay: Optional[float] = None
+    # > 0: add this times `flow.latent_matching_loss` (a frozen encoder's latents of x̂0 vs x0; pass the encoder
+    # as train(latent_encoder=...)). Not in the release. The logged "loss" stays the flow-matching term alone.
+    latent_loss_weight: float = 0.0
     num_workers: int = 0  # DataLoader workers decoding images
     log_every: int = 10  # progress-bar refresh
     save_every: int = 0  # 0: only at the end
@@ -88,7 +91,7 @@ class TrainConfig:
 # Changing these between a checkpoint and its resume would silently change the run.
 _RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "policy", "n_keep", "include", "exclude", "lora_rank",
                   "lora_alpha", "lora_blocks", "lora_train_head", "shift", "num_train_timesteps", "seeded_noise",
-                  "patch_size", "lr_decay")
+                  "patch_size", "lr_decay", "latent_loss_weight")
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "sec")
 LR_DECAYS = ("constant", "cosine")
 
@@ -397,18 +400,23 @@ def _encoder(encode, cfg: TrainConfig, dataset):
 
 
 def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None,
-          resume: bool = True, eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, accelerator=None):
+          resume: bool = True, eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, accelerator=None,
+          latent_encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """Train `model` in place on `dataset` (items {"x", "prompt", "seed"}); returns the history DataFrame.
 
     `encode` is a TextEncoder (cached per prompt here) or any `prompts -> [(L_i, D)]` callable. With
     `out_dir`, checkpoints and logs go there and the run resumes from its newest complete checkpoint.
     `eval_fn(model, step) -> dict` runs every `eval_every` steps on the main process (no_grad, eval mode).
+    `latent_encoder` (images → latents, frozen) is what `cfg.latent_loss_weight` > 0 matches x̂0 through.
     """
     import pandas as pd
     from accelerate import Accelerator
 
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout {cfg.caption_dropout}: a fraction in [0, 1]")
+    if cfg.latent_loss_weight < 0 or (cfg.latent_loss_weight > 0) != (latent_encoder is not None):
+        raise ValueError(f"latent_loss_weight {cfg.latent_loss_weight} needs a latent_encoder (and one is only "
+                         f"used with a weight > 0)")
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     summary = prepare_trainable(model, cfg)
     if cfg.verbose:
@@ -484,7 +492,13 @@ def train(model: nn.Module, dataset, encode, cfg: TrainConfig, out_dir: Optional
                 if isinstance(raw, list):
                     raw, x0, noise = (torch.cat([t.flatten() for t in v]) for v in (raw, x0, noise))
                 loss = flow_matching_loss(raw, x0, noise) / cfg.grad_accum
-                acc.backward(loss)
+                objective = loss
+                if cfg.latent_loss_weight > 0:
+                    if not isinstance(x_t, torch.Tensor):
+                        raise ValueError("latent_loss_weight needs batches of one image size (got mixed sizes)")
+                    objective = loss + cfg.latent_loss_weight * latent_matching_loss(
+                        raw, x_t, x0, sigma, latent_encoder) / cfg.grad_accum
+                acc.backward(objective)
             total += loss.detach()
         gnorm = acc.clip_grad_norm_(params, cfg.grad_clip or math.inf)
         total = acc.reduce(total, "mean")  # every process sees the same value, so all stop together

@@ -81,7 +81,7 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
     late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time",
-            "head_upsample")
+            "head_upsample", "latent_loss")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
@@ -90,6 +90,7 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     assert FinetuneConfig(caption_dropout=0.1).key()["caption_dropout"] == 0.1
     assert FinetuneConfig(head_time=True).key()["head_time"] is True
     assert FinetuneConfig(head_upsample="learned").key()["head_upsample"] == "learned"
+    assert FinetuneConfig(latent_loss=1.0).key()["latent_loss"] == 1.0
 
 
 def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
@@ -176,3 +177,17 @@ def test_check_accuracy_re_scores_the_final_evaluation_exactly():
     runs = variant_runs(world, "head_upsample")
     assert runs["learned upsampling"].model.cfg.detailer.upsample == "learned"
     assert len(final_samples(runs).axes) >= 2 * 8
+
+
+def test_a_latent_loss_run_trains_through_the_frozen_toy_vae_encoder():
+    """latent_loss > 0: a separate cached run whose update differs; the VAE itself is not changed."""
+    import torch
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    vae_before = {k: v.clone() for k, v in world.vae.state_dict().items()}
+    base = finetune(world, FINETUNE_MODES["smoke"], progress=False)
+    run = finetune(world, FINETUNE_MODES["smoke"].replace(latent_loss=1.0), progress=False)
+    assert run.path != base.path
+    assert any(not torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), base.model.state_dict().values()))
+    assert all(torch.equal(v, world.vae.state_dict()[k]) for k, v in vae_before.items())

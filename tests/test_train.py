@@ -219,6 +219,48 @@ def test_cosine_decay_warms_up_then_reaches_zero_and_pins_the_run_length(tmp_pat
               out_dir=tmp_path)
 
 
+def test_latent_matching_loss_goes_through_the_encoder_to_x0_hat():
+    """x̂0 = x_σ − σ·v̂ is encoded with gradients; x0 without; an encoder that cuts the gradient is an error."""
+    from l2p.flow import latent_matching_loss, x0_from_velocity
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.2, 0.9])
+    x_t = add_noise(x0, eps, sigma)
+    raw = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    pool = lambda x: torch.nn.functional.avg_pool2d(x, 4)  # noqa: E731  (a linear "encoder")
+    loss = latent_matching_loss(raw, x_t, x0, sigma, pool)
+    assert torch.allclose(loss, ((pool(x0_from_velocity(x_t, -raw, sigma)) - pool(x0)) ** 2).mean())
+    loss.backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+    oracle = (x0 - eps).requires_grad_(True)  # the DiT's x0 − ε output: x̂0 is x0 exactly
+    assert latent_matching_loss(oracle, x_t, x0, sigma, pool).item() < 1e-10
+    with pytest.raises(ValueError, match="cuts the gradient"):
+        latent_matching_loss(raw, x_t, x0, sigma, torch.no_grad()(pool))
+
+
+def test_latent_loss_option_changes_the_update_but_not_the_logged_flow_matching_loss(tmp_path):
+    pool = lambda x: torch.nn.functional.avg_pool2d(x, 8)  # noqa: E731
+    data = ToyData(sizes=((32, 32),))
+    plain = train(make_model(), data, fake_encoder(), quiet(steps=2, batch_size=2))
+    model = make_model()
+    hist = train(model, data, fake_encoder(), quiet(steps=2, batch_size=2, latent_loss_weight=5.0),
+                 latent_encoder=pool, out_dir=tmp_path)
+    assert hist.loss.iloc[0] == plain.loss.iloc[0]  # same batch, same σ and ε: the logged term is the same
+    assert hist.loss.iloc[1] != plain.loss.iloc[1]  # but the first update differed
+    with pytest.raises(ValueError, match="needs a latent_encoder"):
+        train(make_model(), data, fake_encoder(), quiet(steps=1, latent_loss_weight=1.0))
+    with pytest.raises(ValueError, match="needs a latent_encoder"):
+        train(make_model(), data, fake_encoder(), quiet(steps=1), latent_encoder=pool)
+    mixed = [{"x": torch.zeros(3, 32, 32), "prompt": "a", "seed": 1},
+             {"x": torch.zeros(3, 32, 64), "prompt": "b", "seed": 2}]  # a plain list: no buckets
+    with pytest.raises(ValueError, match="mixed sizes"):
+        train(make_model(), mixed, fake_encoder(), quiet(steps=1, batch_size=2, latent_loss_weight=1.0),
+              latent_encoder=pool)
+    with pytest.raises(ValueError, match="latent_loss_weight: saved 5.0, now 1.0"):  # resuming: same setting
+        train(make_model(), data, fake_encoder(), quiet(steps=3, batch_size=2, latent_loss_weight=1.0),
+              latent_encoder=pool, out_dir=tmp_path)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     model = make_model()
     calls = []

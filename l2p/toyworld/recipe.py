@@ -48,6 +48,7 @@ class FinetuneConfig:
     lr_decay: str = "constant"  # the release keeps the learning rate constant; "cosine" decays it to 0
     head_time: bool = False  # True: a σ-conditioned (FiLM) Detailer Head, DetailerConfig.time_conditioning
     head_upsample: str = "nearest"  # "learned": transposed-conv upsampling in the head, DetailerConfig.upsample
+    latent_loss: float = 0.0  # > 0: also match the toy VAE encoder's latents of x̂0 and x0 (TrainConfig option)
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
@@ -59,7 +60,7 @@ class FinetuneConfig:
 
 _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None, "seeded_noise": True,
                 "caption_dropout": 0.0, "lr_decay": "constant", "head_time": False,
-                "head_upsample": "nearest"}
+                "head_upsample": "nearest", "latent_loss": 0.0}
 
 
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
@@ -188,8 +189,14 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
                            policy="full" if cfg.init == "scratch" else cfg.policy, n_keep=cfg.n, shift=cfg.shift,
                            seeded_noise=cfg.seeded_noise, eval_every=cfg.eval_every, seed=cfg.seed, verbose=progress,
                            log_every=25, ema_decay=cfg.ema_decay,
-                           caption_dropout=cfg.caption_dropout, lr_decay=cfg.lr_decay)
-        history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn)
+                           caption_dropout=cfg.caption_dropout, lr_decay=cfg.lr_decay,
+                           latent_loss_weight=cfg.latent_loss)
+        encoder = None
+        if cfg.latent_loss > 0:
+            from .vae import latents
+            vae = world.vae.eval().requires_grad_(False)
+            encoder = lambda x: latents(vae, x)  # noqa: E731
+        history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn, latent_encoder=encoder)
         if not evals or evals[-1]["step"] != cfg.steps:
             eval_fn(model, cfg.steps)
         return model, history, pd.DataFrame(evals), samples
