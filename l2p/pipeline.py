@@ -143,6 +143,14 @@ class L2PPipeline(FlowPipeline):
         return cls(dit, te, device=device, dtype=torch_dtype)
 
 
+def vae_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] → a diffusers AutoencoderKL's normalised latents (posterior mean − shift) · scale, as the
+    DiT sees them. Differentiable in x (for `flow.latent_matching_loss`); wrap it in no_grad to only encode."""
+    c = vae.config
+    z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float()
+    return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+
+
 class LatentPipeline(FlowPipeline):
     """The latent source model + a diffusers AutoencoderKL (Flux-style scaling and shift)."""
 
@@ -164,6 +172,4 @@ class LatentPipeline(FlowPipeline):
     @torch.no_grad()
     def encode_pixels(self, x):
         """Pixels in [-1, 1] → normalised latents (posterior mean)."""
-        c = self.vae.config
-        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()
-        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        return vae_latents(self.vae, x)

@@ -603,6 +603,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="ε from each row's seed, the same every epoch (the release)")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="fraction of captions replaced by the empty prompt (the release: 0)")
+    p.add_argument("--latent-loss", type=float, default=0.0, metavar="W",
+                   help="> 0: add W × the MSE between --latent-loss-vae's latents of the one-step x̂0 and of x0 "
+                        "(not in the release; the VAE is used in training only)")
+    p.add_argument("--latent-loss-vae", default=None, metavar="DIR",
+                   help="diffusers AutoencoderKL folder for --latent-loss, e.g. Z-Image-Turbo/vae")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--save-every", type=int, default=5000)
@@ -647,6 +652,17 @@ def run_train(a: argparse.Namespace) -> int:
         return 2
     model = ZImageDiT.from_pretrained(a.init if len(a.init) > 1 else a.init[0], dtype=_dtype(a.dtype),
                                       device=acc.device)
+    latent_encoder = None
+    if a.latent_loss > 0 or a.latent_loss_vae:
+        if not (a.latent_loss > 0 and a.latent_loss_vae):
+            print("l2p train: error: --latent-loss W (> 0) and --latent-loss-vae DIR go together", file=sys.stderr)
+            return 2
+        from diffusers import AutoencoderKL
+
+        from .pipeline import vae_latents
+        vae = AutoencoderKL.from_pretrained(a.latent_loss_vae, local_files_only=True)
+        vae = vae.to(acc.device, _dtype(a.dtype)).eval().requires_grad_(False)
+        latent_encoder = lambda x: vae_latents(vae, x)  # noqa: E731
     if model.cfg.cap_feat_dim != encoder.dim:
         print(f"l2p train: error: the model takes {model.cfg.cap_feat_dim}-d captions but the text encoder "
               f"gives {encoder.dim}-d", file=sys.stderr)
@@ -658,9 +674,9 @@ def run_train(a: argparse.Namespace) -> int:
                       shift=a.shift, patch_size=a.patch_size, seeded_noise=a.seeded_noise,
                       caption_dropout=a.caption_dropout, mixed_precision="bf16" if a.bf16 else "no",
                       gradient_checkpointing=a.grad_ckpt, offload_text_encoder=a.offload_text_encoder,
-                      num_workers=a.workers, save_every=a.save_every, seed=a.seed)
+                      num_workers=a.workers, save_every=a.save_every, seed=a.seed, latent_loss_weight=a.latent_loss)
     try:
-        history = train(model, dataset, encoder, cfg, out_dir=out, accelerator=acc)
+        history = train(model, dataset, encoder, cfg, out_dir=out, accelerator=acc, latent_encoder=latent_encoder)
     except TrainingDiverged as e:
         print(f"l2p train: {e}", file=sys.stderr)
         return 3

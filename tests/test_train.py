@@ -407,3 +407,23 @@ def test_an_idle_embedder_is_frozen_and_left_out_of_the_step_file(tmp_path):
     assert "all_x_embedder.16-1.weight" in prepare_trainable(ZImageDiT(CFG4), quiet()).trainable  # one embedder
     with pytest.raises(ValueError, match="patch_size 8"):
         prepare_trainable(ZImageDiT(cfg), quiet(patch_size=8))
+
+
+def test_cli_latent_loss_loads_a_vae_folder_and_changes_the_update(tiny_run, capsys):
+    from diffusers import AutoencoderKL
+    from l2p.cli import main
+
+    root, init, data = tiny_run
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(root / "vae")
+    base = ["train", "--init", str(init), "--data", str(data), "--toy-text", "--steps", "2", "--batch-size", "2",
+            "--lr", "1e-3", "--n", "1", "--skip-bad", "--device", "cpu"]
+    assert main(base + ["--out", str(root / "plain")]) == 0
+    assert main(base + ["--out", str(root / "lat"), "--latent-loss", "1.0", "--latent-loss-vae", str(root / "vae")]) == 0
+    plain, lat = (read_state_dict(root / r / "step-2.safetensors") for r in ("plain", "lat"))
+    assert plain.keys() == lat.keys() and any(not torch.equal(plain[k], lat[k]) for k in plain)
+    capsys.readouterr()
+    assert main(base + ["--out", str(root / "bad"), "--latent-loss", "1.0"]) == 2
+    assert "go together" in capsys.readouterr().err

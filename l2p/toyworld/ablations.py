@@ -92,6 +92,15 @@ EXPERIMENTS = [
                "(a 2×2 transposed conv that starts as nearest, `--head-upsample learned`).",
                {"release head (nearest)": {}, "learned upsampling": {"head_upsample": "learned"}},
                _LONG),
+    Experiment("latent_loss", "Does a loss that weighs what the VAE weighs teach the pixel model shapes?",
+               "Not in the paper, which trains with plain pixel flow matching. Pixel MSE weighs every pixel alike, "
+               "so the outline that tells a small circle from a square costs little, while the source learned in "
+               "latents that weigh what the VAE decoder needs. The variants add λ × the MSE between the frozen toy "
+               "VAE encoder's latents of the one-step x̂0 and of x0 (`TrainConfig.latent_loss_weight`); the VAE is "
+               "used in training only, never at sampling.",
+               {"flow matching only (release)": {}, "+ latent loss λ=0.5": {"latent_loss": 0.5},
+                "+ latent loss λ=2": {"latent_loss": 2.0}},
+               _LONG),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",

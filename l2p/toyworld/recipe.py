@@ -193,9 +193,9 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
                            latent_loss_weight=cfg.latent_loss)
         encoder = None
         if cfg.latent_loss > 0:
-            from .vae import latents
+            from ..pipeline import vae_latents
             vae = world.vae.eval().requires_grad_(False)
-            encoder = lambda x: latents(vae, x)  # noqa: E731
+            encoder = lambda x: vae_latents(vae, x)  # noqa: E731
         history = train(model, ds, world.text.encode_list, tcfg, eval_fn=eval_fn, latent_encoder=encoder)
         if not evals or evals[-1]["step"] != cfg.steps:
             eval_fn(model, cfg.steps)

@@ -162,12 +162,6 @@ def calibrate(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128) -
     return shift, scale
 
 
-def latents(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-    """`encode`'s posterior-mean latents with gradients to x, for losses through the (frozen) encoder."""
-    shift = vae.config.shift_factor or 0.0
-    return (vae.encode(x.to(vae.dtype)).latent_dist.mean - shift) * vae.config.scaling_factor
-
-
 @torch.no_grad()
 def encode(vae: AutoencoderKL, x: torch.Tensor, sample: bool = False,
            generator: Optional[torch.Generator] = None, batch_size: int = 256) -> torch.Tensor:
