@@ -201,13 +201,10 @@ def _as_image_batches(images) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def encode_samples(vae, images) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(image, latent) pairs, the latent normalised as the DiT sees it: (mean − shift_factor) · scaling_factor."""
-    scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
-    shift = getattr(vae.config, "shift_factor", 0.0) or 0.0
-    dtype = next(vae.parameters()).dtype
+    from l2p.pipeline import vae_latents
     pairs = []
     for batch in _as_image_batches(images):
-        z = (vae.encode(batch.to(dtype)).latent_dist.mean - shift) * scale
-        pairs += list(zip(batch.double(), z.double()))
+        pairs += list(zip(batch.double(), vae_latents(vae, batch).double()))
     return pairs
 
 

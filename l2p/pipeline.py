@@ -146,9 +146,10 @@ class L2PPipeline(FlowPipeline):
 def vae_latents(vae, x: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] → a diffusers AutoencoderKL's normalised latents (posterior mean − shift) · scale, as the
     DiT sees them. Differentiable in x (for `flow.latent_matching_loss`); wrap it in no_grad to only encode."""
-    c = vae.config
-    z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float()
-    return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = getattr(vae.config, "scaling_factor", None) or 1.0
+    dtype = next(vae.parameters()).dtype
+    return (vae.encode(x.to(dtype)).latent_dist.mean.float() - shift) * scale
 
 
 class LatentPipeline(FlowPipeline):
