@@ -174,6 +174,24 @@ def toy_latent(cap_feat_dim: int = 384) -> DiTConfig:
 TOY_DETAILER = DetailerConfig(channels=(8, 16, 32, 64))  # full-resolution convs dominate the CPU cost
 
 
+def toy_latent_fine(cap_feat_dim: int = 384) -> DiTConfig:
+    """Toy source for the fine-grid world: a stride-4, 4-channel VAE gives 16×16×4 latents, patch 2 → 8×8 tokens.
+
+    The latent holds as many values as `toy_latent`'s (1,024), but the token grid is twice as fine, so the
+    toy's objects span about two tokens across instead of one (at 1024² the real model's span many).
+    """
+    return toy_latent(cap_feat_dim).replace(in_channels=4)
+
+
+# Depth 3: the bottleneck sits at H/8, the fine-grid world's token grid.
+TOY_DETAILER_FINE = DetailerConfig(channels=(8, 16, 32))
+
+
+def toy_pixel_fine(cap_feat_dim: int = 384) -> DiTConfig:
+    """`toy_latent_fine` converted to pixels: RGB patch 8 → the same 8×8 grid, a depth-3 Detailer Head."""
+    return toy_latent_fine(cap_feat_dim).to_pixel((8,), TOY_DETAILER_FINE)
+
+
 def toy_pixel(cap_feat_dim: int = 384) -> DiTConfig:
     """The toy source converted to pixels: RGB patch 16 → the same 4×4 grid, narrow Detailer Head."""
     return toy_latent(cap_feat_dim).to_pixel((16,), TOY_DETAILER)
@@ -196,6 +214,8 @@ PRESETS = {
     "l2p_4k": l2p_4k,
     "toy_latent": toy_latent,
     "toy_pixel": toy_pixel,
+    "toy_latent_fine": toy_latent_fine,
+    "toy_pixel_fine": toy_pixel_fine,
     "tiny_latent": tiny_latent,
     "tiny_pixel": tiny_pixel,
 }

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..cache import cached, without_late_defaults
-from ..config import TOY_DETAILER, DetailerConfig
+from ..config import TOY_DETAILER, TOY_DETAILER_FINE, DetailerConfig
 from ..model import ZImageDiT
 from ..train import TrainConfig, train
 from .world import ToyWorld
@@ -41,7 +41,7 @@ class FinetuneConfig:
     eval_prompts: int = 100
     seed: int = 0
     prediction: str = "velocity"  # the Detailer Head's output: "velocity" (release), "x" (JiT) or "edm" (options)
-    head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = TOY_DETAILER
+    head_channels: Optional[tuple[int, ...]] = None  # Detailer Head widths; None = the world's (toy_detailer)
     ema_decay: Optional[float] = None  # evaluate an exponential moving average of the weights at the end
     seeded_noise: bool = True  # ε from each image's seed, the same every epoch (the release); False: fresh ε
     caption_dropout: float = 0.0  # the release trains on captions only; > 0 also trains the unconditional branch
@@ -113,9 +113,17 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
     return path / "pixel_init.safetensors"
 
 
+def toy_detailer(world: ToyWorld) -> DetailerConfig:
+    """The toy Detailer Head whose bottleneck sits on this world's token grid (depth log2 of its pixel patch)."""
+    heads = {16: TOY_DETAILER, 8: TOY_DETAILER_FINE}
+    if world.spec.pixel_patch not in heads:
+        raise ValueError(f"no toy Detailer Head for pixel patch {world.spec.pixel_patch}; known: {sorted(heads)}")
+    return heads[world.spec.pixel_patch]
+
+
 def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
     """The converted init, or the same architecture from scratch for the no-transfer baseline."""
-    det = DetailerConfig(channels=tuple(cfg.head_channels or TOY_DETAILER.channels), prediction=cfg.prediction,
+    det = DetailerConfig(channels=tuple(cfg.head_channels or toy_detailer(world).channels), prediction=cfg.prediction,
                          time_conditioning=cfg.head_time, upsample=cfg.head_upsample)
     path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
                       detailer=replace(det, prediction="velocity"))

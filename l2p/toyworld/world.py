@@ -34,12 +34,25 @@ class WorldSpec:
     sample_steps: int = 20
     cfg_scale: float = 3.0
     image_size: int = 64
+    vae_mode: Optional[str] = None  # the VAE preset (`vae.VAE_MODES`); None: the one named by `mode`
+
+    @property
+    def vae(self):
+        """This world's VAE training config."""
+        return vae_train_config(self.vae_mode or self.mode)
+
+    @property
+    def pixel_patch(self) -> int:
+        """RGB patch whose token grid equals the source's latent grid: VAE stride × latent patch."""
+        from ..config import get_config
+        stride = 2 ** (len(self.vae.block_out_channels) - 1)
+        return stride * get_config(self.ldm.preset).all_patch_size[0]
 
     def ldm_key(self, ldm: Optional[LDMTrainConfig] = None) -> dict:
         """Cache key of a source LDM of this world: its training config, the VAE it learned on, its architecture."""
         from ..config import get_config
         ldm = ldm or self.ldm
-        return {"ldm": ldm.to_dict(), "vae": vae_train_config(self.mode).to_dict(),
+        return {"ldm": ldm.to_dict(), "vae": self.vae.to_dict(),
                 "arch": get_config(ldm.preset).to_dict()}
 
     def key(self) -> dict:
@@ -52,6 +65,10 @@ PROBE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 
 SPECS = {
     "full": WorldSpec(),
+    # The same world on a token grid twice as fine (8-px patches, 8×8 tokens at 64²): objects span ~2 tokens.
+    # A stride-4, 4-channel VAE keeps the latent at 1,024 values; the LDM keeps its raw final weights (an EMA
+    # over a 1500-step run is dominated by early weights) and sees 64 images a step (4× the tokens per image).
+    "fine": WorldSpec(vae_mode="fine", ldm=LDMTrainConfig(preset="toy_latent_fine", batch_size=64, ema_decay=None)),
     "smoke": WorldSpec(mode="smoke", ldm=ldm_train_config("smoke"), corpus_size=16, eval_prompts=16, sample_steps=2),
 }
 
@@ -101,7 +118,7 @@ class ToyWorld:
         from ..cache import build_seconds, key_for
         from .evaluator import evaluator_train_config
         spec = self.spec
-        vae_cfg, ev_cfg = vae_train_config(spec.mode), evaluator_train_config(spec.mode)
+        vae_cfg, ev_cfg = spec.vae, evaluator_train_config(spec.mode)
         n = corpus_size or spec.corpus_size
         judge_s = build_seconds("toy_evaluator", ev_cfg.to_dict(), ev_cfg.seed)
         if judge_s is None:  # judges cached before build times were kept: their history has the training time
@@ -318,7 +335,7 @@ def cached_ldm(spec: WorldSpec, ldm: LDMTrainConfig, vae, text, progress: bool =
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
     """Load the toy world for `mode` from the cache, training whatever is missing (deterministically)."""
     spec = spec or SPECS[mode]
-    vae, vae_hist = load_or_train_vae(spec.mode, progress=progress)
+    vae, vae_hist = load_or_train_vae(spec.vae, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
     text = toy_text()
     source, hist = cached_ldm(spec, spec.ldm, vae, text, progress)
