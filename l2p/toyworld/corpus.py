@@ -67,7 +67,8 @@ def add_synth_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="prompt file: one per line, or a CSV with a prompt/text column")
     src.add_argument("--toy-prompts", type=int, metavar="N", help="N prompts from the toy world's caption generator")
-    p.add_argument("--toy", choices=["full", "smoke"], help="use the toy world's source LDM (built/cached on demand)")
+    p.add_argument("--toy", choices=["full", "fine", "smoke"],
+                   help="use the toy world's source LDM (built/cached on demand); fine: the 8-px-patch world")
     p.add_argument("--model", nargs="+", help="latent DiT checkpoint (real scale)")
     p.add_argument("--vae", help="diffusers AutoencoderKL folder (real scale)")
     p.add_argument("--text-encoder", nargs="+")
