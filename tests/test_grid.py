@@ -35,11 +35,12 @@ def test_toy_detailer_follows_the_world_and_refuses_unknown_patches():
 
 @pytest.mark.slow
 def test_grid_study_smoke_runs_both_worlds_and_resamples_final_scores():
-    df = grid.compare("smoke")
+    worlds = grid.grid_worlds("smoke", progress=False)
+    runs = grid.grid_runs(worlds, "smoke")
+    df = grid.compare(worlds, runs, "smoke")
     assert list(df.grid.unique()) == ["coarse", "fine"]
     assert set(df.model) == {"VAE ceiling", "source LDM", "pixel (L2P)"}
-    fine = grid.grid_world("fine", "smoke", progress=False)
-    run = grid.pixel_runs(fine, "smoke")[0]
+    run = runs["fine"][0]
     # the fine world's pixel model: an 8-1 embedder and a depth-3 head whose bottleneck is the 8×8 token grid
     assert set(run.model.all_x_embedder) == {"8-1"} and run.model.cfg.detailer.depth == 3
     assert run.config.patch == 8
@@ -47,8 +48,16 @@ def test_grid_study_smoke_runs_both_worlds_and_resamples_final_scores():
     row = df[(df.grid == "fine") & (df.model == "pixel (L2P)")].iloc[0]
     assert row.geneval == pytest.approx(run.evals.geneval.iloc[-1])
     assert row.fid == pytest.approx(run.evals.fid.iloc[-1], rel=1e-4)
+    # the ceiling row is the world's own measure, summarised
+    ceiling = df[(df.grid == "coarse") & (df.model == "VAE ceiling")].iloc[0]
+    scores = worlds["coarse"].vae_ceiling(n=recipe.FINETUNE_MODES["smoke"].eval_prompts)
+    assert ceiling.geneval == pytest.approx(scores.groupby("category")["correct"].mean().mean())
+    assert ceiling["shape"] == pytest.approx(scores["shape"].dropna().astype(bool).mean())
     s = grid.summary(df)
     assert list(s.index) == ["coarse", "fine"] and list(s["patch (px)"]) == [16, 8]
     assert list(s.tokens) == ["4²", "8²"]
-    shapes = grid.shape_per_sigma("smoke", sigmas=(0.4,), n=4)
+    curves = grid.curves(runs)
+    assert set(curves.variant) == {"coarse grid", "fine grid"} and curves.step.max() == run.config.steps
+    shapes = grid.shape_per_sigma(worlds, runs, sigmas=(0.4,), n=4)
     assert {"identity", "pixel (L2P)", "source LDM (decoded)"} <= set(shapes.columns)
+    assert list(shapes.index.get_level_values("grid").unique()) == ["coarse", "fine"]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .recipe import FinetuneConfig, finetune
+from .recipe import FinetuneConfig, evaluate_pixel, finetune
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,7 @@ def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, see
     rows = []
     for seed in seeds or SEEDS[mode]:
         for label, run in variant_runs(world, exp, mode, seed).items():
-            cfg = run.config
-            r = world.evaluate(world.pixel_pipeline(run.model.eval()), world.prompts(cfg.eval_prompts, seed=4242),
-                               seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
+            r = evaluate_pixel(world, run.model, run.config)
             rows.append({"variant": label, "seed": seed, **Evaluator.attribute_accuracy(r["scores"]),
                          "overall": r["geneval"]})
     df = pd.DataFrame(rows)

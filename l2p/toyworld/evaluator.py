@@ -345,6 +345,12 @@ class Evaluator:
         return pd.Series({k: df[k].dropna().astype(bool).mean() for k in ALL_CHECKS if df[k].notna().any()})
 
     @staticmethod
+    def scorecard(df: pd.DataFrame) -> dict:
+        """Toy-GenEval overall ("geneval") and the accuracy of every check, as one flat dict (a table row)."""
+        return {"geneval": float(Evaluator.summary(df).loc["overall", "accuracy"]),
+                **Evaluator.attribute_accuracy(df).to_dict()}
+
+    @staticmethod
     def accuracy_by_size(df: pd.DataFrame, prompts: Sequence) -> pd.DataFrame:
         """Shape and whole-prompt accuracy grouped by the size of the prompt's objects ("mixed" if they differ).
 

@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import recipe
 from .evaluator import Evaluator
 from .ldm import LDMTrainConfig, ldm_train_config
 from .recipe import FINETUNE_MODES, FinetuneConfig, FinetuneRun, finetune
-from .scenes import render, to_tensor
-from .vae import reconstruct
 from .world import SPECS, ToyWorld, WorldSpec, build_toy_world
 
 GRIDS = {
@@ -34,7 +33,7 @@ GRIDS = {
     },
 }
 SEEDS = {"full": (0, 1, 2), "smoke": (0,)}
-EVAL_SEED = 4242  # the prompt set every fine-tuning run evaluates on (recipe.finetune)
+EVAL_SEED = recipe.EVAL_SEED  # the prompt set every fine-tuning run, and the source here, are judged on
 
 
 def grid_world(name: str, mode: str = "full", progress: bool = True) -> ToyWorld:
@@ -42,6 +41,11 @@ def grid_world(name: str, mode: str = "full", progress: bool = True) -> ToyWorld
     if name not in GRIDS[mode]:
         raise KeyError(f"unknown grid {name!r}; known: {sorted(GRIDS[mode])}")
     return build_toy_world(spec=GRIDS[mode][name], progress=progress)
+
+
+def grid_worlds(mode: str = "full", progress: bool = True) -> dict[str, ToyWorld]:
+    """Both worlds, {grid: world}: load them once and pass them to `compare`, `curves` and `shape_per_sigma`."""
+    return {name: grid_world(name, mode, progress) for name in GRIDS[mode]}
 
 
 def pixel_config(world: ToyWorld, mode: str = "full", seed: int = 0, **kw) -> FinetuneConfig:
@@ -55,41 +59,42 @@ def pixel_runs(world: ToyWorld, mode: str = "full", seeds: Optional[Sequence[int
     return {s: finetune(world, pixel_config(world, mode, s), progress=progress) for s in seeds or SEEDS[mode]}
 
 
+def grid_runs(worlds: dict[str, ToyWorld], mode: str = "full", seeds: Optional[Sequence[int]] = None,
+              progress: bool = False) -> dict[str, dict[int, FinetuneRun]]:
+    """Every world's pixel runs, {grid: {seed: run}}."""
+    return {name: pixel_runs(w, mode, seeds, progress) for name, w in worlds.items()}
+
+
 def vae_ceiling(world: ToyWorld, n: int = 300, seed: int = 99) -> dict:
-    """The judge on VAE reconstructions of ground truth: the best any latent model of this world can score."""
-    prompts = world.prompts(n, seed=seed)
-    gt = to_tensor(np.stack([render(p.scene, world.image_size) for p in prompts]))
-    scores = world.evaluator.score(reconstruct(world.vae, gt), prompts)
-    return {"geneval": float(Evaluator.summary(scores).loc["overall", "accuracy"]),
-            **Evaluator.attribute_accuracy(scores).to_dict()}
+    """`ToyWorld.vae_ceiling` as a table row: toy-GenEval and every check on VAE reconstructions."""
+    return Evaluator.scorecard(world.vae_ceiling(n, seed))
 
 
-def _judged(world: ToyWorld, pipe, n: int, seed: int, **kw) -> dict:
-    r = world.evaluate(pipe, world.prompts(n, seed=EVAL_SEED), seed=seed, **kw)
-    return {"geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"],
-            **Evaluator.attribute_accuracy(r["scores"]).to_dict()}
+def _row(r: dict) -> dict:
+    """An `evaluate` result as a table row: toy-GenEval, every check, FID and spectral distance."""
+    return {**Evaluator.scorecard(r["scores"]), "fid": r["fid"], "spectral": r["spectral"]}
 
 
-def compare(mode: str = "full", seeds: Optional[Sequence[int]] = None, progress: bool = False) -> pd.DataFrame:
+def compare(worlds: dict[str, ToyWorld], runs: dict[str, dict[int, FinetuneRun]], mode: str = "full"
+            ) -> pd.DataFrame:
     """One row per (grid, model, seed): toy-GenEval, FID, spectral distance and every judge check.
 
-    Models: "VAE ceiling" (reconstructions of ground truth), "source LDM" and "pixel (L2P)", the latter
-    re-sampled from each run's final weights on the runs' own prompts and seed, so its "geneval" equals
-    the run's last evaluation.
+    Models: "VAE ceiling" (reconstructions of ground truth), "source LDM" (sampled with each run's seed) and
+    "pixel (L2P)", the latter re-sampled from each run's final weights on the runs' own prompts and seed, so
+    its "geneval" equals the run's last evaluation.
     """
     rows = []
-    for name in GRIDS[mode]:
-        world = grid_world(name, mode, progress)
-        n = FINETUNE_MODES[mode].eval_prompts
+    n = FINETUNE_MODES[mode].eval_prompts
+    for name, world in worlds.items():
         info = {"grid": name, "patch (px)": world.spec.pixel_patch,
                 "tokens": f"{world.image_size // world.spec.pixel_patch}²"}
         rows.append({**info, "model": "VAE ceiling", "seed": 0, **vae_ceiling(world, n=n)})
-        for s in seeds or SEEDS[mode]:
-            rows.append({**info, "model": "source LDM", "seed": s,
-                         **_judged(world, world.latent_pipeline(), n, s)})
-        for s, run in pixel_runs(world, mode, seeds, progress).items():
+        for s in runs[name]:
+            r = world.evaluate(world.latent_pipeline(), world.prompts(n, seed=EVAL_SEED), seed=s)
+            rows.append({**info, "model": "source LDM", "seed": s, **_row(r)})
+        for s, run in runs[name].items():
             rows.append({**info, "model": "pixel (L2P)", "seed": s,
-                         **_judged(world, world.pixel_pipeline(run.model.eval()), n, s, shift=run.config.shift)})
+                         **_row(recipe.evaluate_pixel(world, run.model, run.config))})
     return pd.DataFrame(rows)
 
 
@@ -115,26 +120,20 @@ def check_table(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["grid", "model"], sort=False)[checks].mean()
 
 
-def curves(mode: str = "full", seeds: Optional[Sequence[int]] = None) -> pd.DataFrame:
+def curves(runs: dict[str, dict[int, FinetuneRun]]) -> pd.DataFrame:
     """Each pixel run's evaluation curve, with its grid: the rows `ablations.plot_curves` reads (variant = grid)."""
-    out = []
-    for name in GRIDS[mode]:
-        world = grid_world(name, mode, progress=False)
-        for s, run in pixel_runs(world, mode, seeds).items():
-            out.append(run.evals.assign(variant=f"{name} grid", seed=s))
-    return pd.concat(out, ignore_index=True)
+    return pd.concat([run.evals.assign(variant=f"{name} grid", seed=s)
+                      for name, by_seed in runs.items() for s, run in by_seed.items()], ignore_index=True)
 
 
-def shape_per_sigma(mode: str = "full", sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.95), n: int = 100,
-                    seed: int = 0) -> pd.DataFrame:
+def shape_per_sigma(worlds: dict[str, ToyWorld], runs: dict[str, dict[int, FinetuneRun]],
+                    sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.95), n: int = 100, seed: int = 0) -> pd.DataFrame:
     """The shape check on one-step x̂0 of held-out ground truth per σ, for each grid's seed-`seed` pixel model,
     source, and the two identities (`ToyWorld.denoising_checks`)."""
     frames = []
-    for name in GRIDS[mode]:
-        world = grid_world(name, mode, progress=False)
-        run = pixel_runs(world, mode, (seed,))[seed]
+    for name, world in worlds.items():
         with torch.no_grad():
-            d = world.denoising_checks({"pixel (L2P)": run.model.eval()}, sigmas, n=n)
+            d = world.denoising_checks({"pixel (L2P)": runs[name][seed].model.eval()}, sigmas, n=n)
         frames.append(d["shape"].unstack("model").assign(grid=name))
     return pd.concat(frames).reset_index().set_index(["grid", "sigma"])
 

@@ -63,6 +63,8 @@ _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": No
                 "head_upsample": "nearest", "latent_loss": 0.0}
 
 
+EVAL_SEED = 4242  # the prompt set every fine-tuning run is evaluated on (and the source, to compare)
+
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
                                                                     eval_every=2, eval_prompts=8)}
 
@@ -173,19 +175,27 @@ def _dataset(world: ToyWorld, cfg: FinetuneConfig):
     return ds
 
 
+def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig) -> dict:
+    """`ToyWorld.evaluate` of a pixel model as a run with `cfg` is evaluated: its prompts, seed, size and shift.
+
+    On a finished run's model it re-samples the run's last evaluation exactly, so its "geneval" is the
+    run's final score and its "scores" hold every judge check behind it.
+    """
+    return world.evaluate(world.pixel_pipeline(model.eval()), world.prompts(cfg.eval_prompts, seed=EVAL_SEED),
+                          seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
+
+
 def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True) -> FinetuneRun:
     """Fine-tune the converted toy model (cached by config): L2P's step 3, plus the merge of step 4."""
 
     def build():
         model = initial_model(world, cfg)
         ds = _dataset(world, cfg)
-        prompts = world.prompts(cfg.eval_prompts, seed=4242)
         evals, samples = [], {}
 
         def eval_fn(m, step):
             m.eval()
-            r = world.evaluate(world.pixel_pipeline(m), prompts, seed=cfg.seed, image_size=cfg.image_size,
-                               shift=cfg.shift)
+            r = evaluate_pixel(world, m, cfg)
             m.train()
             row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
             evals.append(row)

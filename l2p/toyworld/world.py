@@ -1,7 +1,7 @@
 """The toy world, assembled: VAE, judge, text encoder, source LDM and its corpus, all cached by config.
 
-`build_toy_world("full")` trains what is missing (≈15 min on 2 cores the first time) and loads the
-rest; `"smoke"` builds a tiny, useless-but-complete world in seconds for tests.
+`build_toy_world("full")` trains what is missing (about 27 min on 2 cores the first time; notebook 00
+shows each piece's time) and loads the rest; `"smoke"` builds a tiny, useless-but-complete world in seconds for tests.
 """
 from __future__ import annotations
 
@@ -163,6 +163,16 @@ class ToyWorld:
                                                            height=self.image_size, width=self.image_size,
                                                            progress=False),
                       load_fn=lambda p: p)
+
+    def vae_ceiling(self, n: int = 300, seed: int = 99) -> pd.DataFrame:
+        """The judge's scores on VAE reconstructions of ground truth: what any latent model of this world can reach.
+
+        Every latent model's samples pass through the VAE decoder, so these bound the source LDM's scores.
+        """
+        from .vae import reconstruct
+        prompts = self.prompts(n, seed=seed)
+        gt = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
+        return self.evaluator.score(reconstruct(self.vae, gt), prompts)
 
     def ground_truth_corpus(self, n: Optional[int] = None, seed: int = 0, size: Optional[int] = None) -> Path:
         """Procedural renders of the same captions as `corpus` ("real" data, with full texture), at any size."""
