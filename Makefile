@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make reports` (the main job) and `make test`.
 PY ?= .venv/bin/python
 MODE ?= full
+# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (cores / JOBS threads each)
+JOBS ?= 1
 
 .PHONY: install test test-browser reports reports-smoke bench clean-cache
 
@@ -18,7 +20,7 @@ test-browser: $(PY)
 	$(PY) -m pytest -q -m browser
 
 reports: $(PY)
-	$(PY) -m l2p.reports --mode $(MODE)
+	$(PY) -m l2p.reports --mode $(MODE) --jobs $(JOBS)
 
 reports-smoke: $(PY)
 	$(PY) -m l2p.reports --mode smoke --out reports-smoke

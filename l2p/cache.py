@@ -1,10 +1,13 @@
 """Artefact cache keyed by (name, config, seed, version): train once, load afterwards.
 
 Artefacts are directories. A miss builds, saves into a temporary sibling directory and renames it into
-place, so a crash or a concurrent build never leaves a half-written entry that later loads.
+place, so a crash or a concurrent build never leaves a half-written entry that later loads. Builders of
+one key take turns (a lock file per key), so processes that need the same artefact at once (report
+workers, two notebooks) build it once: the others wait, then load it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -77,6 +80,32 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
     if final.is_dir() and not rebuild:
         return load_fn(final)
     root.mkdir(parents=True, exist_ok=True)
+    with _key_lock(root / f".{final.name}.lock"):
+        if final.is_dir() and not rebuild:  # built by another process while this one waited
+            return load_fn(final)
+        _build_and_save(name, config, seed, version, final, build_fn, save_fn, rebuild)
+    # Return what a later call would load, so a hit and a miss give the same object type.
+    return load_fn(final)
+
+
+@contextlib.contextmanager
+def _key_lock(path: Path):
+    """An exclusive lock on `path` for one build (POSIX flock; released when the process dies, too)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builders may duplicate work, never corrupt an entry
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn, rebuild: bool) -> None:
+    root = final.parent
     t0 = time.perf_counter()
     artefact = build_fn()
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -96,8 +125,6 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Return what a later call would load, so a hit and a miss give the same object type.
-    return load_fn(final)
 
 
 def build_seconds(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,

@@ -121,8 +121,12 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
 
 
 def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[str]] = None,
-        timeout: Optional[int] = None, parameters: Optional[dict] = None) -> list[dict]:
-    """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it)."""
+        timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: int = 1) -> list[dict]:
+    """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
+
+    With jobs > 1, first train the fine-tuning runs the notebooks will ask for in that many worker
+    processes (`toyworld.prebuild`); the notebooks then load them from the cache.
+    """
     import papermill as pm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,12 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rows, failed = [], None
     nbs = notebooks(only)
+    if jobs > 1:
+        from .toyworld.prebuild import prebuild
+        if parameters:
+            print(f"note: prebuild plans the runs of the notebooks' default parameters, not {parameters}")
+        done = prebuild(mode, jobs, notebooks=[nb.stem for nb in nbs], log=lambda m: print(m, flush=True))
+        print(f"prebuild: {done['built']} run(s) in {done['minutes']:.1f} min", flush=True)
     for i, nb in enumerate(nbs, 1):
         summary = out / f"{nb.stem}.summary.json"
         summary.unlink(missing_ok=True)
@@ -171,13 +181,16 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     p.add_argument("--only", nargs="*", help="notebook numbers or names, e.g. 00 03")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train the notebooks' fine-tuning runs first in this many parallel workers (cores / jobs "
+                        "threads each); 1: the notebooks train them one by one")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra notebook parameter (string), e.g. -p experiments=transfer,freeze_policy")
 
 
 def _main(a) -> int:
     params = dict(kv.split("=", 1) for kv in a.param)
-    run(a.mode, a.out, a.only, a.timeout, params or None)
+    run(a.mode, a.out, a.only, a.timeout, params or None, a.jobs)
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -403,7 +404,9 @@ class EmbeddingCache:
         tensors = {f"e{i}": self.store[p].contiguous() for i, p in enumerate(prompts)}
         meta = {"prompts": json.dumps(prompts, ensure_ascii=False), "fingerprint": self.fingerprint or ""}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        # A name of its own: report workers may save the shared cache at the same moment (the last one wins;
+        # prompts another process added are recomputed when next asked for).
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return path

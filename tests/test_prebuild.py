@@ -1,0 +1,94 @@
+"""Parallel prebuild of the reports' fine-tuning runs, and the cache lock that lets workers share artefacts."""
+import threading
+import time
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from l2p import cache
+from l2p.toyworld import ablations, grid, prebuild, recipe
+
+
+def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
+    builds, results = [], []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one builds
+        return "artefact"
+
+    def save(art, p):
+        (p / "a.txt").write_text(art)
+
+    def load(p):
+        return (p / "a.txt").read_text()
+
+    threads = [threading.Thread(target=lambda: results.append(cache.cached("x", {"a": 1}, 0, build, save, load,
+                                                                           root=tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and results == ["artefact"] * 3
+    # different keys do not wait for each other's lock, and a failed build leaves nothing behind
+    with pytest.raises(RuntimeError):
+        cache.cached("x", {"a": 2}, 0, lambda: (_ for _ in ()).throw(RuntimeError("boom")), save, load, root=tmp_path)
+    assert not cache.is_cached("x", {"a": 2}, 0, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        cache.key_for("x", {"a": 1}, 0)]
+
+
+def _fake_runs(monkeypatch):
+    """Record every (world, config) a notebook helper asks `finetune` for, without training."""
+    asked = set()
+
+    def fake(world, cfg, progress=True):
+        asked.add((repr(world.spec.key()), repr(cfg.key())))
+        evals = pd.DataFrame({"step": [0, cfg.steps], "geneval": [0.0, 0.0], "fid": [1.0, 1.0],
+                              "spectral": [0.0, 0.0]})
+        return SimpleNamespace(config=cfg, evals=evals, history=pd.DataFrame({"loss": [0.0]}))
+
+    for module in (ablations, grid, recipe):
+        monkeypatch.setattr(module, "finetune", fake)
+    return asked
+
+
+@pytest.mark.parametrize("mode", ["smoke", "full"])
+def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
+    asked = _fake_runs(monkeypatch)
+    world = SimpleNamespace(spec=prebuild.SPECS[mode], mode=mode)
+    base = recipe.FINETUNE_MODES[mode]
+    # notebook 03 with its default parameters, then its from-scratch comparison
+    cfg = base.replace(policy="paper", n=1, seed=0, prediction="velocity")
+    for c in (cfg, cfg.replace(init="scratch")):
+        recipe.finetune(world, c)
+    for exp in ablations.EXPERIMENTS:  # notebook 04
+        ablations.run_experiment(world, exp, mode)
+    worlds = {name: SimpleNamespace(spec=spec) for name, spec in grid.GRIDS[mode].items()}  # notebook 07
+    grid.grid_runs(worlds, mode)
+    plan = {(repr(r.world.key()), repr(r.config.key())) for r in prebuild.planned_runs(mode)}
+    assert asked == plan
+    if mode == "full":  # 03 and 04 share their baselines: 72 distinct runs, and 6 for 07
+        assert len(plan) == 78
+
+
+@pytest.mark.slow
+def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
+    from l2p.toyworld.world import build_toy_world
+    logged = []
+    done = prebuild.prebuild("smoke", jobs=2, threads=1, notebooks=["03_finetune"], log=logged.append)
+    ours = [r for r in prebuild.planned_runs("smoke") if r.label.startswith("03 ")]
+    assert done["planned"] == 2 and len(ours) == 2 and all(r.cached() for r in ours)
+    assert logged[0].startswith("prebuild (smoke): ") and "2 worker(s) × 1 thread(s)" in logged[0]
+    # the notebook's calls now load, never train
+    monkeypatch.setattr(cache, "_build_and_save", lambda *a, **k: pytest.fail(f"rebuilt {a[0]}"))
+    world = build_toy_world("smoke", progress=False)
+    base = recipe.FINETUNE_MODES["smoke"]
+    run = recipe.finetune(world, base, progress=False)
+    assert run.evals.step.iloc[-1] == base.steps
+    recipe.finetune(world, base.replace(init="scratch"), progress=False)
+    again = prebuild.prebuild("smoke", jobs=2, notebooks=["03"], log=logged.append)
+    assert again["built"] == 0 and logged[-1].startswith("prebuild (smoke): 2 of 2 runs cached")
+    with pytest.raises(ValueError, match="jobs"):
+        prebuild.prebuild("smoke", jobs=0)
