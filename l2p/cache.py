@@ -4,6 +4,9 @@ Artefacts are directories. A miss builds, saves into a temporary sibling directo
 place, so a crash or a concurrent build never leaves a half-written entry that later loads. Builders of
 one key take turns (a lock file per key), so processes that need the same artefact at once (report
 workers, two notebooks) build it once: the others wait, then load it.
+
+Every build runs on `build_threads()` torch threads, whatever the machine: float32 sums depend on the
+thread count, and training amplifies the difference, so a key names one artefact only at one count.
 """
 from __future__ import annotations
 
@@ -22,11 +25,52 @@ import l2p
 
 # Bump when a change to generators or training code makes old artefacts stale.
 CACHE_VERSION = "1"
+LOCKS = ".locks"  # one lock file per key that was ever built here (empty files, kept: unlinking one races)
 
 
 def version_string() -> str:
     """The package-relevant version that enters every key."""
     return f"l2p-{l2p.__version__}/cache-{CACHE_VERSION}"
+
+
+def library_versions() -> dict:
+    """Versions of the libraries whose numerics a toy build depends on (recorded with every build and report)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for lib in ("torch", "diffusers", "transformers", "numpy"):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def build_threads() -> int:
+    """Torch threads every cached artefact is built with: $L2P_BUILD_THREADS, else 2 (the reference machine's).
+
+    At one thread count a build is bit-identical run to run; at another it is not (40 steps of the toy VAE on
+    1 and 2 threads already differ by 0.01 in the weights), and training amplifies the difference. A fixed
+    count makes a build the same on any machine with the same CPU kind and library versions; more cores are
+    for running builds side by side (`make reports JOBS=N`).
+    """
+    env = os.environ.get("L2P_BUILD_THREADS")
+    if env is None or env == "":
+        return 2
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"L2P_BUILD_THREADS={env!r}: a positive number of threads")
+    return int(env)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on n torch threads, then restore the caller's count."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def cache_dir() -> Path:
@@ -78,13 +122,25 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
     root = Path(root) if root is not None else cache_dir()
     final = root / key_for(name, config, seed, version)
     if final.is_dir() and not rebuild:
-        return load_fn(final)
+        return _load(final, load_fn)
     root.mkdir(parents=True, exist_ok=True)
-    with _key_lock(root / f".{final.name}.lock"):
+    with _key_lock(root / LOCKS / f"{final.name}.lock"):
         if final.is_dir() and not rebuild:  # built by another process while this one waited
-            return load_fn(final)
-        _build_and_save(name, config, seed, version, final, build_fn, save_fn, rebuild)
+            return _load(final, load_fn)
+        with torch_threads(build_threads()):
+            _build_and_save(name, config, seed, version, final, build_fn, save_fn, rebuild)
     # Return what a later call would load, so a hit and a miss give the same object type.
+    return load_fn(final)
+
+
+def _load(final: Path, load_fn: Callable[[Path], Any]) -> Any:
+    """Load an entry; warn if it was built on another thread count than this process would build it on."""
+    meta = final / "cache_meta.json"
+    built = json.loads(meta.read_text()).get("threads") if meta.is_file() else None
+    if built is not None and built != build_threads():
+        import warnings
+        warnings.warn(f"{final.name} was built on {built} thread(s); this process builds on {build_threads()} "
+                      f"(L2P_BUILD_THREADS), so a rebuild here would not give the same artefact", stacklevel=3)
     return load_fn(final)
 
 
@@ -96,6 +152,7 @@ def _key_lock(path: Path):
     except ImportError:  # not POSIX: concurrent builders may duplicate work, never corrupt an entry
         yield
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -114,7 +171,8 @@ def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn,
         save_fn(artefact, tmp)
         meta = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "build_seconds": round(time.perf_counter() - t0, 2)}  # build + save: what a cache hit saves
+                "build_seconds": round(time.perf_counter() - t0, 2),  # build + save: what a cache hit saves
+                "threads": build_threads(), "libraries": library_versions()}
         (tmp / "cache_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.is_dir() and rebuild:
             shutil.rmtree(final, ignore_errors=True)

@@ -88,6 +88,13 @@ def export(executed: Path) -> None:
         writer.write(body, resources, notebook_name=executed.stem)
 
 
+def environment() -> str:
+    """One line: library versions, build threads and cores, as a report row records them."""
+    from .cache import build_threads, library_versions
+    libs = ", ".join(f"{k} {v}" for k, v in library_versions().items() if v)
+    return f"{libs}; build threads {build_threads()}; {os.cpu_count()} cores"
+
+
 def write_index(out: Path, rows: list[dict], mode: str) -> Path:
     """README.md of the reports folder: status, mode, commit and key figures of every notebook.
 
@@ -109,6 +116,11 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
         links = f"[html]({r['stem']}.html) · [md]({r['stem']}.md) · [ipynb]({r['stem']}.ipynb)"
         lines.append(f"| {r['stem']} | {r['status']} | {r.get('mode', '?')} | {r['seconds'] / 60:.1f} | "
                      f"`{r.get('commit', '?')}` | {r.get('date', '?')} | {links} |")
+    envs: dict[str, list[str]] = {}
+    for r in merged:
+        envs.setdefault(r.get("environment") or "not recorded", []).append(r["stem"][:2])
+    lines += ["", "Environment (toy results depend on library versions and on the build thread count):", ""]
+    lines += [f"- {', '.join(stems)}: {env}" for env, stems in envs.items()]
     for r in merged:
         if r.get("summary"):
             lines += ["", f"## {r['stem']}", "", "| figure | value |", "|---|---|"]
@@ -148,7 +160,7 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         t0 = time.time()
         extra = "".join(f", {k}={v}" for k, v in (parameters or {}).items())
         row = {"stem": nb.stem, "status": "ok", "mode": mode + extra, "commit": _commit(),
-               "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+               "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "environment": environment()}
         try:
             pm.execute_notebook(str(nb), str(out / nb.name), parameters={"mode": mode, "smoke": mode == "smoke",
                                                                           **(parameters or {})},

@@ -23,8 +23,16 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Every model in the suite is tiny: a second thread only adds OpenMP barrier waits (far slower when busy)."""
-    n = torch.get_num_threads()
+    """Every model in the suite is tiny: a second thread only adds OpenMP barrier waits (far slower when busy).
+
+    Cached toy artefacts (and `build_toy_world`) use L2P_BUILD_THREADS, so it is set to 1 too.
+    """
+    n, env = torch.get_num_threads(), os.environ.get("L2P_BUILD_THREADS")
     torch.set_num_threads(1)
+    os.environ["L2P_BUILD_THREADS"] = "1"
     yield
     torch.set_num_threads(n)
+    if env is None:
+        os.environ.pop("L2P_BUILD_THREADS", None)
+    else:
+        os.environ["L2P_BUILD_THREADS"] = env

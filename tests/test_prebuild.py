@@ -35,8 +35,39 @@ def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
     with pytest.raises(RuntimeError):
         cache.cached("x", {"a": 2}, 0, lambda: (_ for _ in ()).throw(RuntimeError("boom")), save, load, root=tmp_path)
     assert not cache.is_cached("x", {"a": 2}, 0, root=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != cache.LOCKS) == [
         cache.key_for("x", {"a": 1}, 0)]
+
+
+def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatch):
+    import json
+    from importlib.metadata import version
+    import torch
+    seen = []
+
+    def build():
+        seen.append(torch.get_num_threads())
+        return "a"
+
+    def save(art, p):
+        (p / "a.txt").write_text(art)
+
+    def load(p):
+        return (p / "a.txt").read_text()
+
+    monkeypatch.setenv("L2P_BUILD_THREADS", "2")
+    before = torch.get_num_threads()
+    assert cache.cached("y", {}, 0, build, save, load, root=tmp_path) == "a"
+    assert seen == [2] and torch.get_num_threads() == before  # the caller's count comes back
+    meta = json.loads((tmp_path / cache.key_for("y", {}, 0) / "cache_meta.json").read_text())
+    assert meta["threads"] == 2 and meta["libraries"]["torch"] == version("torch")
+    monkeypatch.setenv("L2P_BUILD_THREADS", "1")  # an entry built on another count still loads, with a warning
+    with pytest.warns(UserWarning, match="built on 2 thread"):
+        assert cache.cached("y", {}, 0, build, save, load, root=tmp_path) == "a"
+    assert seen == [2]
+    monkeypatch.setenv("L2P_BUILD_THREADS", "two")
+    with pytest.raises(ValueError, match="L2P_BUILD_THREADS"):
+        cache.build_threads()
 
 
 def _fake_runs(monkeypatch):
@@ -77,7 +108,7 @@ def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
 def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     from l2p.toyworld.world import build_toy_world
     logged = []
-    done = prebuild.prebuild("smoke", jobs=2, threads=1, notebooks=["03_finetune"], log=logged.append)
+    done = prebuild.prebuild("smoke", jobs=2, notebooks=["03_finetune"], log=logged.append)
     ours = [r for r in prebuild.planned_runs("smoke") if r.label.startswith("03 ")]
     assert done["planned"] == 2 and len(ours) == 2 and all(r.cached() for r in ours)
     assert logged[0].startswith("prebuild (smoke): ") and "2 worker(s) × 1 thread(s)" in logged[0]

@@ -32,6 +32,10 @@ def test_reports_smoke_run(tmp_path, monkeypatch):
         assert f"| {nb.stem} | ok |" in index
         assert (tmp_path / "reports" / f"{nb.stem}.html").exists()
         assert (tmp_path / "reports" / f"{nb.stem}.md").exists()
+    from importlib.metadata import version
+    env = rows[0]["environment"]  # what the results depend on, recorded once per distinct environment
+    assert f"torch {version('torch')}" in env and "build threads 1" in env  # the test session's setting
+    assert f"- {', '.join(nb.stem[:2] for nb in NOTEBOOKS)}: {env}" in index
     by_name = {r["stem"]: r["summary"] for r in rows}
     assert "copied tensors bit-identical" in by_name["01_weight_conversion"]
     ok, total = by_name["01_weight_conversion"]["copied tensors bit-identical"]["value"].split("/")

@@ -1,13 +1,13 @@
 """Train what the reports need ahead of the notebooks, in parallel worker processes (`l2p.reports --jobs N`).
 
 Every fine-tuning run of notebooks 03, 04 and 07 is an independent cached artefact, and together they are
-most of a report run's cost. Here workers build them side by side, each with its share of the cores; the
-notebooks then find them all in the cache. A worker that needs something another is building (a world, a
-corpus, the cross-model LDM) waits on the cache's per-key lock and then loads it, so nothing is built twice.
+most of a report run's cost. Here workers build them side by side; the notebooks then find them all in the
+cache. A worker that needs something another is building (a world, a corpus, the cross-model LDM) waits
+on the cache's per-key lock and then loads it, so nothing is built twice.
 
-Runs keep their cache keys: a run built here is the run a notebook would have trained, with one caveat. A
-run trained with another number of threads sums in another order, so its float32 weights, and the scores
-that follow from them, may differ in the last digits from a run trained on 2 threads.
+Each worker trains on `cache.build_threads()` threads (2 by default), as every cached build does, so a run
+built here is exactly the run a notebook would have trained. N workers therefore want 2·N cores: on the
+2-core reference machine, JOBS=2 only makes the two workers share the cores.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Optional
 
-from ..cache import is_cached
+from ..cache import build_threads, is_cached
 from .recipe import FINETUNE_MODES, FinetuneConfig
 from .world import SPECS, WorldSpec
 
@@ -71,40 +71,39 @@ def planned_runs(mode: str = "full") -> list[PlannedRun]:
     return ordered
 
 
-def _build(run: PlannedRun, threads: int) -> tuple[PlannedRun, float]:
+def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     """Worker: train one run into the cache (or load it, if another process got there first)."""
-    import torch
     from .recipe import finetune
     from .world import build_toy_world
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False)
     return run, time.perf_counter() - t0
 
 
-def prebuild(mode: str = "full", jobs: int = 2, threads: Optional[int] = None, notebooks: Optional[list[str]] = None,
-             log=print) -> dict:
-    """Build every planned run that is not cached, `jobs` at a time, `threads` threads each.
+def prebuild(mode: str = "full", jobs: int = 2, notebooks: Optional[list[str]] = None, log=print) -> dict:
+    """Build every planned run that is not cached, `jobs` at a time.
 
-    `notebooks` ("03", "07_token_grid", …) limits the plan to those notebooks' runs. `threads` defaults to
-    the machine's cores divided among the jobs. Returns counts and the wall time. On 2 cores, two
-    1-thread jobs train about 1.4× as many runs per hour as one 2-thread job.
+    `notebooks` ("03", "07_token_grid", …) limits the plan to those notebooks' runs. Returns counts and
+    the wall time.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be ≥ 1, got {jobs}")
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads, cores = build_threads(), os.cpu_count() or 1
     plan = [r for r in planned_runs(mode)
             if notebooks is None or any(r.label.startswith(nb[:2] + " ") for nb in notebooks)]
     todo = [r for r in plan if not r.cached()]
     total = len(plan)
     log(f"prebuild ({mode}): {total - len(todo)} of {total} runs cached; training {len(todo)} "
         f"with {jobs} worker(s) × {threads} thread(s)")
+    if jobs * threads > cores:
+        log(f"note: {jobs} × {threads} threads on {cores} cores: the workers share cores, so this is no faster "
+            f"than one worker")
     t0 = time.perf_counter()
     if todo:
         # spawn, not fork: a forked child inherits the parent's OpenMP state and can hang in torch
         pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
         try:
-            futures = [pool.submit(_build, r, threads) for r in todo]
+            futures = [pool.submit(_build, r) for r in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 run, sec = fut.result()  # a failed run stops the prebuild with its error
                 log(f"  [{i}/{len(todo)}] {run.label} ({sec / 60:.1f} min, {(time.perf_counter() - t0) / 60:.0f} "

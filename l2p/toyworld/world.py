@@ -343,7 +343,14 @@ def cached_ldm(spec: WorldSpec, ldm: LDMTrainConfig, vae, text, progress: bool =
 
 
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
-    """Load the toy world for `mode` from the cache, training whatever is missing (deterministically)."""
+    """Load the toy world for `mode` from the cache, training whatever is missing (deterministically).
+
+    Sets this process's torch threads to `cache.build_threads()` (2 unless $L2P_BUILD_THREADS says
+    otherwise), the count every cached artefact is built on, so that what a notebook samples and scores
+    equals what a cached run computed (a run's last evaluation, re-sampled, gives the same score).
+    """
+    from ..cache import build_threads
+    torch.set_num_threads(build_threads())
     spec = spec or SPECS[mode]
     vae, vae_hist = load_or_train_vae(spec.vae, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
