@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from typing import Optional
 
 from ..cache import build_threads, is_cached
-from .recipe import FINETUNE_MODES, FinetuneConfig
+from .recipe import FINETUNE_MODES, FinetuneConfig, run_key
 from .world import SPECS, WorldSpec
 
 
@@ -32,7 +32,7 @@ class PlannedRun:
     label: str  # "notebook · experiment: variant, seed"
 
     def cached(self) -> bool:
-        return is_cached("toy_finetune", {"world": self.world.key(), **self.config.key()}, self.config.seed)
+        return is_cached("toy_finetune", run_key(self.world, self.config), self.config.seed)
 
 
 def planned_runs(mode: str = "full") -> list[PlannedRun]:

@@ -232,5 +232,9 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
                            pd.read_csv(p / "evals.csv"), p, torch.load(p / "samples.pt"))
 
-    key = {"world": world.spec.key(), **cfg.key()}
-    return cached("toy_finetune", key, cfg.seed, build_fn=build, save_fn=save, load_fn=load)
+    return cached("toy_finetune", run_key(world.spec, cfg), cfg.seed, build_fn=build, save_fn=save, load_fn=load)
+
+
+def run_key(spec, cfg: FinetuneConfig) -> dict:
+    """The cache key of a fine-tuning run: its world's key and its own config."""
+    return {"world": spec.key(), **cfg.key()}
