@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make reports` (the main job) and `make test`.
 PY ?= .venv/bin/python
 MODE ?= full
-# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (cores / JOBS threads each)
+# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (2 threads each)
 JOBS ?= 1
 
 .PHONY: install test test-browser reports reports-smoke bench clean-cache
