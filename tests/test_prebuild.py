@@ -123,3 +123,16 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     assert again["built"] == 0 and logged[-1].startswith("prebuild (smoke): 2 of 2 runs cached")
     with pytest.raises(ValueError, match="jobs"):
         prebuild.prebuild("smoke", jobs=0)
+
+
+def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp_path, monkeypatch):
+    """What the cache's keys assume: the same config, built again on the same thread count, is the same artefact."""
+    import torch
+    from l2p.toyworld.vae import load_or_train_vae, vae_train_config
+    cfg = vae_train_config("smoke").replace(steps=12)
+    weights = []
+    for root in ("a", "b"):
+        monkeypatch.setenv("L2P_CACHE", str(tmp_path / root))
+        vae, _ = load_or_train_vae(cfg, progress=False)
+        weights.append({k: v.clone() for k, v in vae.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
