@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make reports` (the main job) and `make test`.
 PY ?= .venv/bin/python
 MODE ?= full
-# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (2 threads each)
+# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (2 threads each; cut to
+# what the cores hold, cores ÷ 2)
 JOBS ?= 1
 
 .PHONY: install test test-browser reports reports-smoke bench clean-cache
@@ -31,6 +32,7 @@ bench: $(PY)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_head_layout.py
 	$(PY) bench/bench_toyworld.py
+	$(PY) bench/bench_oversubscription.py
 
 clean-cache:
 	rm -rf .cache/l2p

@@ -6,7 +6,7 @@ RGB patch embedder and a Detailer Head (`local_decoder`) instead of the final la
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 ADALN_EMBED_DIM = 256  # width of the timestep embedding fed to every adaLN Linear

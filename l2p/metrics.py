@@ -14,7 +14,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ImageLike = Union[torch.Tensor, np.ndarray]
 

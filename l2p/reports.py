@@ -195,7 +195,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     p.add_argument("--jobs", type=int, default=1,
                    help="train the notebooks' fine-tuning runs first in this many parallel workers, each on "
-                        "L2P_BUILD_THREADS threads (2); 1: the notebooks train them one by one")
+                        "L2P_BUILD_THREADS threads (2), at most cores ÷ threads; 1: the notebooks train them "
+                        "one by one")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra notebook parameter (string), e.g. -p experiments=transfer,freeze_policy")
 

@@ -1,5 +1,4 @@
 """Pipelines: call shape, sizes, seeds, guidance passes, callbacks, latent side with a VAE."""
-import warnings
 
 import pytest
 import torch

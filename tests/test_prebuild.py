@@ -108,6 +108,7 @@ def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
 def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     from l2p.toyworld.world import build_toy_world
     logged = []
+    monkeypatch.setattr(prebuild, "available_cores", lambda: 2)  # 2 workers × 1 thread fit, whatever CI has
     done = prebuild.prebuild("smoke", jobs=2, notebooks=["03_finetune"], log=logged.append)
     ours = [r for r in prebuild.planned_runs("smoke") if r.label.startswith("03 ")]
     assert done["planned"] == 2 and len(ours) == 2 and all(r.cached() for r in ours)
@@ -123,6 +124,18 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     assert again["built"] == 0 and logged[-1].startswith("prebuild (smoke): 2 of 2 runs cached")
     with pytest.raises(ValueError, match="jobs"):
         prebuild.prebuild("smoke", jobs=0)
+
+
+@pytest.mark.parametrize("cores,threads,jobs,used", [(2, 2, 2, 1), (2, 2, 5, 1), (16, 2, 8, 8), (16, 2, 12, 8),
+                                                     (1, 2, 3, 1), (4, 1, 3, 3)])
+def test_prebuild_never_runs_more_workers_than_the_cores_hold(monkeypatch, cores, threads, jobs, used):
+    """Oversubscribed OpenMP threads slow every job down (bench/bench_oversubscription.py): cut to cores // threads."""
+    monkeypatch.setattr(prebuild, "available_cores", lambda: cores)
+    monkeypatch.setenv("L2P_BUILD_THREADS", str(threads))
+    logged = []
+    prebuild.prebuild("smoke", jobs=jobs, notebooks=["99"], log=logged.append)  # no notebook 99: nothing to train
+    assert f"with {used} worker(s) × {threads} thread(s)" in logged[-1]
+    assert any("oversubscribe" in m for m in logged) == (used < jobs)
 
 
 def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp_path, monkeypatch):

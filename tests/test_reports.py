@@ -1,6 +1,5 @@
 """The main job in smoke mode: every numbered notebook runs headless and the index records it."""
 import json
-import os
 from pathlib import Path
 
 import pytest

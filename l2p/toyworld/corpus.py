@@ -8,7 +8,7 @@ At real scale, `accelerate launch -m l2p.cli synth ...` splits the prompts acros
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from tqdm.auto import tqdm

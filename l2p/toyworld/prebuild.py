@@ -6,8 +6,9 @@ cache. A worker that needs something another is building (a world, a corpus, the
 on the cache's per-key lock and then loads it, so nothing is built twice.
 
 Each worker trains on `cache.build_threads()` threads (2 by default), as every cached build does, so a run
-built here is exactly the run a notebook would have trained. N workers therefore want 2·N cores: on the
-2-core reference machine, JOBS=2 only makes the two workers share the cores.
+built here is exactly the run a notebook would have trained. N workers therefore want 2·N cores; more
+workers than the cores hold are cut to what fits, since oversubscribed OpenMP threads slow every job down
+(on the 2-core reference machine, one worker).
 """
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def planned_runs(mode: str = "full") -> list[PlannedRun]:
     return ordered
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     """Worker: train one run into the cache (or load it, if another process got there first)."""
     from .recipe import finetune
@@ -88,16 +97,19 @@ def prebuild(mode: str = "full", jobs: int = 2, notebooks: Optional[list[str]] =
     """
     if jobs < 1:
         raise ValueError(f"jobs must be ≥ 1, got {jobs}")
-    threads, cores = build_threads(), os.cpu_count() or 1
+    threads, cores = build_threads(), available_cores()
+    fit = max(1, cores // threads)
+    if jobs > fit:
+        # torch's OpenMP threads spin at barriers waiting for threads the OS has descheduled: two 2-thread jobs on
+        # 2 cores are far slower together than one after the other (bench/bench_oversubscription.py)
+        log(f"note: {jobs} workers × {threads} threads would oversubscribe {cores} core(s); using {fit} worker(s)")
+        jobs = fit
     plan = [r for r in planned_runs(mode)
             if notebooks is None or any(r.label.startswith(nb[:2] + " ") for nb in notebooks)]
     todo = [r for r in plan if not r.cached()]
     total = len(plan)
     log(f"prebuild ({mode}): {total - len(todo)} of {total} runs cached; training {len(todo)} "
         f"with {jobs} worker(s) × {threads} thread(s)")
-    if jobs * threads > cores:
-        log(f"note: {jobs} × {threads} threads on {cores} cores: the workers share cores, so this is no faster "
-            f"than one worker")
     t0 = time.perf_counter()
     if todo:
         # spawn, not fork: a forked child inherits the parent's OpenMP state and can hang in torch

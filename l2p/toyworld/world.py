@@ -20,7 +20,7 @@ from ..model import ZImageDiT
 from ..pipeline import L2PPipeline, LatentPipeline
 from .evaluator import Evaluator, load_or_train_evaluator
 from .ldm import LDMTrainConfig, ldm_train_config, load_ldm, save_ldm, train_source_ldm
-from .scenes import Prompt, generate, prompt_set, render, single_object_world, to_tensor
+from .scenes import Prompt, generate, prompt_set, render, to_tensor
 from .vae import load_or_train_vae, vae_train_config
 
 
