@@ -132,6 +132,25 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
     return path
 
 
+def busy_cores_note(threads: int) -> Optional[str]:
+    """A warning when other processes already keep the cores busy (1-min load average), else None.
+
+    Torch's OpenMP threads stall when the cores are oversubscribed (bench/bench_oversubscription.py measured
+    5.8–23× slowdowns for two 2-thread toy jobs on 2 cores), so a report run beside other work can take many
+    times its usual time. Results are unchanged: only the wall time suffers.
+    """
+    from .toyworld.prebuild import available_cores
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = available_cores()
+    if load + threads <= cores + 0.5:
+        return None
+    return (f"note: load average {load:.1f} on {cores} core(s): other processes are running, and this run's "
+            f"{threads} torch thread(s) on top oversubscribe the cores; it may take several times longer")
+
+
 def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[str]] = None,
         timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: int = 1) -> list[dict]:
     """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
@@ -146,6 +165,10 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rows, failed = [], None
     nbs = notebooks(only)
+    from .cache import build_threads
+    note = busy_cores_note(build_threads())
+    if note:
+        print(note, flush=True)
     if jobs > 1:
         from .toyworld.prebuild import prebuild
         if parameters:

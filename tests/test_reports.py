@@ -89,3 +89,16 @@ def test_export_leaves_no_images_from_older_runs(tmp_path):
     assert files and "output_9_0.png" not in files
     assert all(f in (tmp_path / "07_demo.md").read_text() for f in files)
     assert (tmp_path / "07_demo.html").exists()
+
+
+@pytest.mark.parametrize("load,cores,threads,warned", [(0.1, 2, 2, False), (1.0, 2, 2, True), (1.2, 2, 1, False),
+                                                       (2.0, 2, 1, True), (6.0, 16, 2, False)])
+def test_a_report_run_warns_when_other_processes_keep_the_cores_busy(monkeypatch, load, cores, threads, warned):
+    from l2p import reports
+    from l2p.toyworld import prebuild
+    monkeypatch.setattr(reports.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(prebuild, "available_cores", lambda: cores)
+    note = reports.busy_cores_note(threads)
+    assert (note is not None) == warned
+    if warned:
+        assert f"load average {load:.1f} on {cores} core(s)" in note
