@@ -52,12 +52,17 @@ def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
     smoke = variant_config(exp, exp.variants["shift 12"], "smoke", 0)
     assert smoke.steps == 2 and smoke.shift == 12 and smoke.image_size == 128
     base = [variant_config(get_experiment(n), {}, "full", 1) for n in ("freeze_policy", "data_source",
-                                                                        "embedder_init", "detailer_head")]
-    assert all(b == base[0] for b in base)  # one cached baseline run per seed serves four experiments
+                                                                        "data_quantity", "detailer_head")]
+    assert all(b == base[0] for b in base)  # one cached baseline run per seed serves the short experiments
     # transfer runs at notebook 03's budget, so its seed-0 runs are 03's own runs
     from l2p.toyworld.recipe import FINETUNE_MODES
     transfer = get_experiment("transfer")
     assert variant_config(transfer, {}, "full", 0) == FINETUNE_MODES["full"]
+    emb = get_experiment("embedder_init")  # the long experiments share 03's and transfer's baseline runs
+    assert [variant_config(emb, o, "full", 1) for o in emb.variants.values()][0] == \
+        variant_config(transfer, {}, "full", 1)
+    capped = variant_config(emb, emb.variants["vae_fit, noise gain ≤ 1"], "full", 0)
+    assert capped.key()["vae_fit_gain"] == 1.0 and "vae_fit_gain" not in FINETUNE_MODES["full"].key()
     assert variant_config(transfer, {"init": "scratch"}, "full", 0) == FINETUNE_MODES["full"].replace(init="scratch")
     choices = get_experiment("training_choices")
     for seed in (0, 1, 2):  # its baseline is transfer's converted run, seed for seed
@@ -81,7 +86,7 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
     late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time",
-            "head_upsample", "latent_loss")
+            "head_upsample", "latent_loss", "vae_fit_gain")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
@@ -91,11 +96,12 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     assert FinetuneConfig(head_time=True).key()["head_time"] is True
     assert FinetuneConfig(head_upsample="learned").key()["head_upsample"] == "learned"
     assert FinetuneConfig(latent_loss=1.0).key()["latent_loss"] == 1.0
+    assert FinetuneConfig(init="vae_fit", vae_fit_gain=1.0).key()["vae_fit_gain"] == 1.0
 
 
 def test_experiments_without_a_claim_do_not_crown_a_winner_inside_the_spread():
     exp = get_experiment("embedder_init")
-    a, b = list(exp.variants)
+    a, b = list(exp.variants)[:2]
     _, tie = verdict(exp, curves({a: [0.10, 0.12, 0.08], b: [0.11, 0.09, 0.13]}), 0.5)
     assert "no variant beats" in tie and b in tie
     _, win = verdict(exp, curves({a: [0.10, 0.11, 0.09], b: [0.30, 0.31, 0.29]}), 0.5)
@@ -191,3 +197,12 @@ def test_a_latent_loss_run_trains_through_the_frozen_toy_vae_encoder():
     assert run.path != base.path
     assert any(not torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), base.model.state_dict().values()))
     assert all(torch.equal(v, world.vae.state_dict()[k]) for k, v in vae_before.items())
+
+
+def test_a_vae_fit_gain_needs_the_vae_fit_init():
+    from types import SimpleNamespace
+
+    import pytest
+    from l2p.toyworld.recipe import pixel_init
+    with pytest.raises(ValueError, match="init='vae_fit' only"):
+        pixel_init(SimpleNamespace(), "release", vae_fit_gain=1.0)

@@ -239,6 +239,32 @@ def test_vae_fit_recovers_a_linear_encoder(latent, tmp_path):
     torch.testing.assert_close(tok_px, tok_lat, atol=1e-4, rtol=1e-4)
 
 
+def test_vae_fit_can_target_a_noise_gain(latent, tmp_path):
+    """A fit above the cap takes the ridge that brings the noise gain down to it; a quieter fit is left alone."""
+    torch.manual_seed(0)
+    vae = LinearPatchVAE()
+    with torch.no_grad():
+        vae.conv.weight.mul_(10.0)  # a loud encoder: the plain fit's gain is far above 1
+    images = torch.rand(7, 3, 256, 256) * 2 - 1
+    pairs = encode_samples(vae, images)
+    plain = fit_vae_patch_map(pairs, 16, 2)
+    assert plain.noise_gain > 2
+    for target in (1.0, 0.25):
+        fit = fit_vae_patch_map(pairs, 16, 2, noise_gain=target)
+        assert fit.noise_gain == pytest.approx(target, rel=1e-3)
+        assert fit.ridge > plain.ridge and fit.r2 < plain.r2  # the price: a worse clean fit
+        assert fit.noise_gain == pytest.approx(float((fit.A ** 2).sum(1).mean()))
+    loose = fit_vae_patch_map(pairs, 16, 2, noise_gain=plain.noise_gain * 10)
+    assert loose.ridge == plain.ridge and torch.equal(loose.A, plain.A)
+    with pytest.raises(ValueError, match="noise_gain must be > 0"):
+        fit_vae_patch_map(pairs, 16, 2, noise_gain=0)
+    report = convert(latent[-1], tmp_path / "v.safetensors", detailer=DETAILER, init="vae_fit", vae=vae,
+                     sample_images=images, vae_fit_noise_gain=1.0, progress=False)
+    assert report.vae_fit["16-1"]["noise_gain"] == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ValueError, match="init='vae_fit' only"):
+        convert(latent[-1], tmp_path / "r.safetensors", detailer=DETAILER, vae_fit_noise_gain=1.0, progress=False)
+
+
 def test_vae_fit_cli_with_a_diffusers_autoencoder(latent, tmp_path, capsys):
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -252,9 +278,9 @@ def test_vae_fit_cli_with_a_diffusers_autoencoder(latent, tmp_path, capsys):
     assert main_convert(["--latent-ckpt-files", str(latent[-1]), "--output-path", str(tmp_path / "v.safetensors"),
                          "--detailer-channels", "8", "8", "16", "32", "--init", "vae_fit", "--vae",
                          str(tmp_path / "vae"), "--sample-images", str(tmp_path / "img0.png"), str(tmp_path / "img1.png"),
-                         "--image-size", "448", "--report", str(tmp_path / "r.json")]) == 0
+                         "--image-size", "448", "--report", str(tmp_path / "r.json"), "--vae-fit-noise-gain", "0.01"]) == 0
     fit = json.loads((tmp_path / "r.json").read_text())["vae_fit"]["16-1"]
-    assert 0 < fit["r2"] <= 1 and fit["samples"] == 2 * 28 * 28 and fit["noise_gain"] > 0
+    assert 0 < fit["r2"] <= 1 and fit["samples"] == 2 * 28 * 28 and fit["noise_gain"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_vae_fit_needs_a_vae(latent, tmp_path):

@@ -58,9 +58,14 @@ EXPERIMENTS = [
                "A small synthetic corpus suffices; quality saturates quickly with corpus size (Fig. 9c).",
                {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}),
     Experiment("embedder_init", "Does a VAE-informed init of the new patch embedder help?",
-               "Not in the paper (the release initialises the embedder randomly); our vae_fit init composes the "
-               "latent embedder with a linear fit of the VAE encoder.",
-               {"release (random)": {}, "vae_fit": {"init": "vae_fit"}}),
+               "Not in the paper (the release initialises the embedder randomly). vae_fit composes the latent "
+               "embedder with a ridge fit of the VAE encoder on RGB patches. The plain fit passes white pixel noise "
+               "to the latents with a large gain (~1,700 on the toy VAE), so the trunk sees x_σ as far noisier than "
+               "σ says; the capped variant takes the ridge that brings the gain to 1 (`--vae-fit-noise-gain 1`). "
+               "At notebook 03's budget: at 300 steps all three sit near the floor.",
+               {"release (random)": {}, "vae_fit": {"init": "vae_fit"},
+                "vae_fit, noise gain ≤ 1": {"init": "vae_fit", "vae_fit_gain": 1.0}},
+               _LONG),
     Experiment("detailer_head", "Is the toy Detailer Head too small, or predicting the wrong thing?",
                "Not in the paper: the release's head (64 wide at full resolution) predicts velocity. The toy head "
                "is 8 wide to keep CPU cost down; JiT (Li & He, 2025) argues pixel models should predict the clean "

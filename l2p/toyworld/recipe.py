@@ -49,6 +49,7 @@ class FinetuneConfig:
     head_time: bool = False  # True: a σ-conditioned (FiLM) Detailer Head, DetailerConfig.time_conditioning
     head_upsample: str = "nearest"  # "learned": transposed-conv upsampling in the head, DetailerConfig.upsample
     latent_loss: float = 0.0  # > 0: also match the toy VAE encoder's latents of x̂0 and x0 (TrainConfig option)
+    vae_fit_gain: Optional[float] = None  # init="vae_fit": cap on the fit's noise gain (convert's vae_fit_noise_gain)
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
@@ -60,7 +61,7 @@ class FinetuneConfig:
 
 _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None, "seeded_noise": True,
                 "caption_dropout": 0.0, "lr_decay": "constant", "head_time": False,
-                "head_upsample": "nearest", "latent_loss": 0.0}
+                "head_upsample": "nearest", "latent_loss": 0.0, "vae_fit_gain": None}
 
 
 EVAL_SEED = 4242  # the prompt set every fine-tuning run is evaluated on (and the source, to compare)
@@ -92,15 +93,19 @@ def source_checkpoint(world: ToyWorld) -> Path:
 
 
 def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detailer: DetailerConfig = TOY_DETAILER,
-               seed: int = 0):
+               seed: int = 0, vae_fit_gain: Optional[float] = None):
     """`l2p convert` of the toy source LDM (cached): (path to the pixel-init file, ConvertReport dict)."""
     from ..convert import convert
     from .scenes import generate, to_tensor
 
+    if vae_fit_gain is not None and init != "vae_fit":
+        raise ValueError(f"vae_fit_gain applies to init='vae_fit' only, not {init!r}")
+
     def save(_, p):
         kw = {}
         if init == "vae_fit":
-            kw = {"vae": world.vae, "sample_images": to_tensor(generate(256, 777, world.world)[0])}
+            kw = {"vae": world.vae, "sample_images": to_tensor(generate(256, 777, world.world)[0]),
+                  "vae_fit_noise_gain": vae_fit_gain}
         rep = convert(source_checkpoint(world), p / "pixel_init.safetensors", patch_sizes=tuple(patch_sizes),
                       detailer=detailer, init=init, seed=seed, progress=False, **kw)
         rep.save_json(p / "report.json")
@@ -111,6 +116,8 @@ def pixel_init(world: ToyWorld, init: str = "release", patch_sizes=(16,), detail
         key["detailer"]["time_conditioning"] = True
     if detailer.upsample != "nearest":
         key["detailer"]["upsample"] = detailer.upsample
+    if vae_fit_gain is not None:
+        key["vae_fit_gain"] = vae_fit_gain
     path = cached("toy_pixel_init", key, seed, build_fn=lambda: None, save_fn=save, load_fn=lambda p: p)
     return path / "pixel_init.safetensors"
 
@@ -128,7 +135,7 @@ def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
     det = DetailerConfig(channels=tuple(cfg.head_channels or toy_detailer(world).channels), prediction=cfg.prediction,
                          time_conditioning=cfg.head_time, upsample=cfg.head_upsample)
     path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
-                      detailer=replace(det, prediction="velocity"))
+                      detailer=replace(det, prediction="velocity"), vae_fit_gain=cfg.vae_fit_gain)
     model = ZImageDiT.from_pretrained(path)
     model.cfg = model.cfg.replace(detailer=det)  # what the head predicts does not change its weights
     if cfg.init == "scratch":
