@@ -59,10 +59,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    from l2p.cache import available_cores
+    cores = available_cores()
     t = a.threads
     half = max(1, t // 2)
     jobs(1, t, 2, False)  # warm the file cache and imports

@@ -61,6 +61,14 @@ def build_threads() -> int:
     return int(env)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run the block on n torch threads, then restore the caller's count."""

@@ -90,9 +90,9 @@ def export(executed: Path) -> None:
 
 def environment() -> str:
     """One line: library versions, build threads and cores, as a report row records them."""
-    from .cache import build_threads, library_versions
+    from .cache import available_cores, build_threads, library_versions
     libs = ", ".join(f"{k} {v}" for k, v in library_versions().items() if v)
-    return f"{libs}; build threads {build_threads()}; {os.cpu_count()} cores"
+    return f"{libs}; build threads {build_threads()}; {available_cores()} cores"
 
 
 def write_index(out: Path, rows: list[dict], mode: str) -> Path:
@@ -139,7 +139,7 @@ def busy_cores_note(threads: int) -> Optional[str]:
     5.8–23× slowdowns for two 2-thread toy jobs on 2 cores), so a report run beside other work can take many
     times its usual time. Results are unchanged: only the wall time suffers.
     """
-    from .toyworld.prebuild import available_cores
+    from .cache import available_cores
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on this platform

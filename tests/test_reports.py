@@ -94,10 +94,9 @@ def test_export_leaves_no_images_from_older_runs(tmp_path):
 @pytest.mark.parametrize("load,cores,threads,warned", [(0.1, 2, 2, False), (1.0, 2, 2, True), (1.2, 2, 1, False),
                                                        (2.0, 2, 1, True), (6.0, 16, 2, False)])
 def test_a_report_run_warns_when_other_processes_keep_the_cores_busy(monkeypatch, load, cores, threads, warned):
-    from l2p import reports
-    from l2p.toyworld import prebuild
+    from l2p import cache, reports
     monkeypatch.setattr(reports.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(prebuild, "available_cores", lambda: cores)
+    monkeypatch.setattr(cache, "available_cores", lambda: cores)
     note = reports.busy_cores_note(threads)
     assert (note is not None) == warned
     if warned:

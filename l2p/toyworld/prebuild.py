@@ -12,14 +12,13 @@ workers than the cores hold are cut to what fits, since oversubscribed OpenMP th
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Optional
 
-from ..cache import build_threads, is_cached
+from ..cache import available_cores, build_threads, is_cached
 from .recipe import FINETUNE_MODES, FinetuneConfig, run_key
 from .world import SPECS, WorldSpec
 
@@ -70,14 +69,6 @@ def planned_runs(mode: str = "full") -> list[PlannedRun]:
             if q:
                 ordered.append(q.pop(0))
     return ordered
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), else os.cpu_count()."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
