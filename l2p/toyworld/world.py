@@ -67,8 +67,8 @@ PROBE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 SPECS = {
     "full": WorldSpec(),
     # The same world on a token grid twice as fine (8-px patches, 8×8 tokens at 64²): objects span ~2 tokens.
-    # A stride-4, 4-channel VAE keeps the latent at 1,024 values; the LDM keeps its raw final weights (an EMA
-    # over a 1500-step run is dominated by early weights) and sees 64 images a step (4× the tokens per image).
+    # A stride-4, 4-channel VAE keeps the latent at 1,024 values; the LDM sees 64 images a step (4× the tokens
+    # per image).
     "fine": WorldSpec(vae_mode="fine", ldm=LDMTrainConfig(preset="toy_latent_fine", batch_size=64, ema_decay=None)),
     "smoke": WorldSpec(mode="smoke", ldm=ldm_train_config("smoke"), corpus_size=16, eval_prompts=16, sample_steps=2),
 }
