@@ -33,6 +33,7 @@ bench: $(PY)
 	$(PY) bench/bench_head_layout.py
 	$(PY) bench/bench_toyworld.py
 	$(PY) bench/bench_oversubscription.py
+	$(PY) bench/bench_vae_precision.py
 
 clean-cache:
 	rm -rf .cache/l2p

@@ -218,6 +218,23 @@ def test_vae_training_options_change_the_loss_but_not_old_keys():
         assert np.isfinite(h.loss).all()
 
 
+def test_vae_presets_use_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """Emulated bf16 is ~15× slower than fp32 (AVX2 CPUs): presets resolve it per machine, the key says which."""
+    monkeypatch.setattr(tv, "native_bf16", lambda: False)
+    assert tv.train_precision() == "no"
+    monkeypatch.setattr(tv, "native_bf16", lambda: True)
+    assert tv.train_precision() == "bf16"
+    monkeypatch.setenv("L2P_VAE_PRECISION", "no")
+    assert tv.train_precision() == "no"
+    monkeypatch.setenv("L2P_VAE_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="L2P_VAE_PRECISION='fp16'"):
+        tv.train_precision()
+    assert all(cfg.mixed_precision == tv.TRAIN_PRECISION for cfg in tv.VAE_MODES.values())
+    full = tv.VAE_MODES["full"]
+    keys = {p: cache.key_for("v", full.replace(mixed_precision=p).to_dict(), 0) for p in ("no", "bf16")}
+    assert keys["no"] != keys["bf16"]
+
+
 # ----------------------------------------------------------------------------------------------
 #                                      Evaluator (judge)
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The stride-8 bottleneck is the point: it cannot carry the toy world's 3–5 px b
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +49,7 @@ class VAETrainConfig:
     # every image, and plain L1 spends the small decoder on them while the shapes (what captions name) stay blobs.
     object_weight: float = 0.0
     sample_posterior: bool = True  # False: decode the posterior mean while training (a plain autoencoder + KL)
-    mixed_precision: str = "no"  # "bf16": CPU/GPU autocast for the convolutions (≈1.4× faster on bf16 CPUs)
+    mixed_precision: str = "no"  # "bf16": autocast for the convolutions (≈1.4× faster on bf16 CPUs, 15× slower without)
     seed: int = 0
     calib_images: int = 512  # images used to measure shift / scale
     block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
@@ -64,20 +65,45 @@ class VAETrainConfig:
 
 _LATE_FIELDS = {"edge_weight": 0.0, "object_weight": 0.0, "sample_posterior": True, "mixed_precision": "no"}
 
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).
+
+    Without it, bf16 autocast is emulated: on an AVX2-only 2-core machine a toy-VAE step took 14–15× the fp32
+    time (bench/bench_vae_precision.py), which turns the world's 10-min VAE into hours.
+    """
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported"))
+
+
+def train_precision() -> str:
+    """The presets' `mixed_precision`: bf16 autocast where the CPU has it natively, fp32 ("no") elsewhere.
+
+    `L2P_VAE_PRECISION=bf16|no` forces one, e.g. to rebuild on an AVX2 machine the VAE a bf16 machine built.
+    The resolved value is part of the cache key, so the two kinds of build never mix.
+    """
+    forced = os.environ.get("L2P_VAE_PRECISION", "auto")
+    if forced not in ("auto", "bf16", "no"):
+        raise ValueError(f"L2P_VAE_PRECISION={forced!r}: expected auto, bf16 or no")
+    return forced if forced != "auto" else ("bf16" if native_bf16() else "no")
+
+
+TRAIN_PRECISION = train_precision()
+
 VAE_MODES = {
     # Many small steps with the object-weighted L1 (measured, 2 cores: at 3000 steps the judge reads 0.64 of
     # reconstructions right vs 0.29 without the weight and 0.39 for 1000 steps of batch 32).
     "full": VAETrainConfig(steps=4000, batch_size=8, object_weight=4.0, sample_posterior=False,
-                           mixed_precision="bf16"),
+                           mixed_precision=TRAIN_PRECISION),
     # The fine-grid world: stride 4 with 4 channels keeps the latent at 1,024 values per 64² image (the same
     # 12× compression as the default and as Flux's VAE), but latent patch 2 then means 8-px pixel patches and an
     # 8×8 token grid, so the toy's 11–19 px objects span ~2 tokens instead of ~1.
     "fine": VAETrainConfig(steps=4000, batch_size=8, object_weight=4.0, sample_posterior=False,
-                           mixed_precision="bf16", block_out_channels=(16, 32, 64), latent_channels=4),
+                           mixed_precision=TRAIN_PRECISION, block_out_channels=(16, 32, 64), latent_channels=4),
     "smoke": VAETrainConfig(steps=6, batch_size=8, calib_images=32, object_weight=4.0, sample_posterior=False,
-                            mixed_precision="bf16"),
+                            mixed_precision=TRAIN_PRECISION),
     "fine-smoke": VAETrainConfig(steps=6, batch_size=8, calib_images=32, object_weight=4.0, sample_posterior=False,
-                                 mixed_precision="bf16", block_out_channels=(16, 32, 64), latent_channels=4),
+                                 mixed_precision=TRAIN_PRECISION, block_out_channels=(16, 32, 64), latent_channels=4),
 }
 
 
