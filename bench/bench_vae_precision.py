@@ -1,7 +1,7 @@
 """Toy-VAE training step on CPU: fp32 vs bf16 autocast, side by side in one run.
 
 The toy world's VAE presets pick bf16 autocast only where the CPU computes bf16 in hardware
-(`l2p.toyworld.vae.native_bf16`: AVX512-BF16 or AMX). This prints what the choice is worth on this machine:
+(`l2p.cache.native_bf16`: AVX512-BF16 or AMX). This prints what the choice is worth on this machine:
 the median time of one training step (encode, decode, L1, backward) of the full-mode VAE at its batch, in
 each precision, alternating the two so that load from other processes hits both alike.
 
@@ -14,7 +14,8 @@ import time
 import torch
 
 from l2p.toyworld.scenes import generate, to_tensor
-from l2p.toyworld.vae import build_vae, native_bf16, train_precision, vae_train_config
+from l2p.cache import native_bf16, vae_precision
+from l2p.toyworld.vae import build_vae, vae_train_config
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
         for bf16 in (False, True):
             times[bf16].append(step(bf16))
     fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
-    print(f"CPU bf16 in hardware: {native_bf16()}; presets train in: {train_precision()!r}; "
+    print(f"CPU bf16 in hardware: {native_bf16()}; presets train in: {vae_precision()!r}; "
           f"{a.threads} threads, batch {batch}, {a.reps} reps")
     print(f"{'toy VAE training step':<24} fp32 {fp32 * 1e3:8.1f} ms   bf16 autocast {bf16 * 1e3:8.1f} ms   "
           f"bf16 / fp32 = {bf16 / fp32:.2f}×")

@@ -61,6 +61,29 @@ def build_threads() -> int:
     return int(env)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).
+
+    Without it, bf16 autocast is emulated: on an AVX2-only 2-core machine a toy-VAE step took 14–15× the fp32
+    time (bench/bench_vae_precision.py), which turns the toy world's 13-min VAE into 3 hours.
+    """
+    import torch
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported"))
+
+
+def vae_precision() -> str:
+    """The toy VAE presets' `mixed_precision`: bf16 autocast where the CPU has it natively, fp32 ("no") elsewhere.
+
+    `L2P_VAE_PRECISION=bf16|no` forces one, e.g. to rebuild on an AVX2 machine the VAE a bf16 machine built.
+    The resolved value is part of the cache key, so the two kinds of build never mix.
+    """
+    forced = os.environ.get("L2P_VAE_PRECISION", "auto")
+    if forced not in ("auto", "bf16", "no"):
+        raise ValueError(f"L2P_VAE_PRECISION={forced!r}: expected auto, bf16 or no")
+    return forced if forced != "auto" else ("bf16" if native_bf16() else "no")
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and taskset narrow), else os.cpu_count()."""
     try:

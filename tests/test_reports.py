@@ -39,6 +39,10 @@ def test_reports_smoke_run(tmp_path, monkeypatch):
     assert "copied tensors bit-identical" in by_name["01_weight_conversion"]
     ok, total = by_name["01_weight_conversion"]["copied tensors bit-identical"]["value"].split("/")
     assert ok == total
+    # each report names the toy world build it used, so reports from different builds cannot pass as one
+    builds = {r["stem"]: reports.world_builds(r) for r in rows}
+    assert builds["00_toy_world"].endswith("(smoke)") and builds["03_finetune"] == builds["00_toy_world"]
+    assert f"| {builds['03_finetune']} |" in index
 
 
 def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):

@@ -218,17 +218,31 @@ def test_vae_training_options_change_the_loss_but_not_old_keys():
         assert np.isfinite(h.loss).all()
 
 
+def test_world_fingerprint_names_the_weights_not_the_config():
+    """Two builds of one config that differ in one weight get different fingerprints; a copy gets the same."""
+    from l2p.toyworld.world import weights_fingerprint
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b) and len(weights_fingerprint(a)) == 10
+    with torch.no_grad():
+        b.weight[1, 2] = torch.nextafter(b.weight[1, 2], torch.tensor(10.0))  # one ulp
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    import copy
+    assert weights_fingerprint(copy.deepcopy(a).to(torch.bfloat16)) != weights_fingerprint(a)  # dtype counts
+
+
 def test_vae_presets_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     """Emulated bf16 is ~15× slower than fp32 (AVX2 CPUs): presets resolve it per machine, the key says which."""
-    monkeypatch.setattr(tv, "native_bf16", lambda: False)
-    assert tv.train_precision() == "no"
-    monkeypatch.setattr(tv, "native_bf16", lambda: True)
-    assert tv.train_precision() == "bf16"
+    monkeypatch.setattr(cache, "native_bf16", lambda: False)
+    assert cache.vae_precision() == "no"
+    monkeypatch.setattr(cache, "native_bf16", lambda: True)
+    assert cache.vae_precision() == "bf16"
     monkeypatch.setenv("L2P_VAE_PRECISION", "no")
-    assert tv.train_precision() == "no"
+    assert cache.vae_precision() == "no"
     monkeypatch.setenv("L2P_VAE_PRECISION", "fp16")
     with pytest.raises(ValueError, match="L2P_VAE_PRECISION='fp16'"):
-        tv.train_precision()
+        cache.vae_precision()
     assert all(cfg.mixed_precision == tv.TRAIN_PRECISION for cfg in tv.VAE_MODES.values())
     full = tv.VAE_MODES["full"]
     keys = {p: cache.key_for("v", full.replace(mixed_precision=p).to_dict(), 0) for p in ("no", "bf16")}

@@ -6,7 +6,6 @@ The stride-8 bottleneck is the point: it cannot carry the toy world's 3–5 px b
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ..cache import without_late_defaults
+from ..cache import vae_precision, without_late_defaults
 from .scenes import ToyWorldConfig, generate, object_mask, to_tensor
 
 
@@ -66,29 +65,7 @@ class VAETrainConfig:
 _LATE_FIELDS = {"edge_weight": 0.0, "object_weight": 0.0, "sample_posterior": True, "mixed_precision": "no"}
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).
-
-    Without it, bf16 autocast is emulated: on an AVX2-only 2-core machine a toy-VAE step took 14–15× the fp32
-    time (bench/bench_vae_precision.py), which turns the world's 10-min VAE into hours.
-    """
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                      "_is_amx_tile_supported"))
-
-
-def train_precision() -> str:
-    """The presets' `mixed_precision`: bf16 autocast where the CPU has it natively, fp32 ("no") elsewhere.
-
-    `L2P_VAE_PRECISION=bf16|no` forces one, e.g. to rebuild on an AVX2 machine the VAE a bf16 machine built.
-    The resolved value is part of the cache key, so the two kinds of build never mix.
-    """
-    forced = os.environ.get("L2P_VAE_PRECISION", "auto")
-    if forced not in ("auto", "bf16", "no"):
-        raise ValueError(f"L2P_VAE_PRECISION={forced!r}: expected auto, bf16 or no")
-    return forced if forced != "auto" else ("bf16" if native_bf16() else "no")
-
-
-TRAIN_PRECISION = train_precision()
+TRAIN_PRECISION = vae_precision()  # the presets': bf16 autocast only where the CPU has it natively
 
 VAE_MODES = {
     # Many small steps with the object-weighted L1 (measured, 2 cores: at 3000 steps the judge reads 0.64 of

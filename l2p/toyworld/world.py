@@ -6,6 +6,7 @@ seconds for tests.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -97,6 +98,15 @@ class ToyWorld:
     @property
     def mode(self) -> str:
         return self.spec.mode
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of this build's trained weights (VAE, judge, source LDM).
+
+        Builds of one config differ with the thread count, the CPU and library versions, so the config alone
+        does not say which world a result came from; this does. The report index lists it per notebook.
+        """
+        return weights_fingerprint(self.vae, self.evaluator.net, self.source)
 
     @property
     def world(self):
@@ -343,6 +353,16 @@ def cached_ldm(spec: WorldSpec, ldm: LDMTrainConfig, vae, text, progress: bool =
                   save_fn=lambda art, p: save_ldm(art[0], art[1], p), load_fn=load_ldm)
 
 
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """First 10 hex digits of a SHA-256 over the modules' state dicts (names and raw bytes, in key order)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
 def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[WorldSpec] = None) -> ToyWorld:
     """Load the toy world for `mode` from the cache, training whatever is missing (deterministically).
 
@@ -358,4 +378,8 @@ def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[Wo
     text = toy_text()
     source, hist = cached_ldm(spec, spec.ldm, vae, text, progress)
     text.save()
-    return ToyWorld(spec, vae, vae_hist, evaluator, text, source.requires_grad_(False), hist)
+    world = ToyWorld(spec, vae, vae_hist, evaluator, text, source.requires_grad_(False), hist)
+    from ..reports import WORLD_KEY, record
+    name = spec.mode if spec == SPECS.get(spec.mode) else f"{spec.mode}, variant"
+    record(f"{WORLD_KEY} ({name})", world.fingerprint)  # the report index names the build each notebook used
+    return world
