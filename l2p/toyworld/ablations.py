@@ -49,6 +49,12 @@ EXPERIMENTS = [
                "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
                {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
                 "head-only": {"policy": "head-only"}}),
+    Experiment("freeze_at_budget", "Does training the trunk's first and last layers help once the model learns?",
+               "freeze_policy's claim (Fig. 9b: the paper's policy beats training only the embedder and the head), "
+               "at notebook 03's budget: at 300 steps the policies end within their seed spread. Session 10's probe "
+               "(03) saw the paper policy's trained layers lose the caption's shape from the tokens at high σ.",
+               {"paper (n=1)": {}, "embedder+head": {"policy": "embedder+head"}},
+               _LONG),
     Experiment("data_source", "Does it matter whose images the pixel model learns from?",
                "Training on the source model's own generations transfers best; real images or another model's "
                "generations are worse at equal budget (Fig. 9a).",
