@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from l2p.toyworld.scenes import generate, to_tensor
 from l2p.cache import native_bf16, vae_precision
+from l2p.toyworld.scenes import generate, to_tensor
 from l2p.toyworld.vae import build_vae, vae_train_config
 
 
