@@ -61,6 +61,7 @@ def test_02_denoising_stages_smoke(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_05_interactive_smoke(tmp_path, monkeypatch):
     rec, nb = run_notebook("05_interactive", tmp_path, monkeypatch, prompt="a big red disk in the middle")
+    assert len(rec.pop("world build (smoke)")) == 10  # build_toy_world names the build it loaded
     assert set(rec) == {"latent: wall time (s)", "pixel: wall time (s)", "handoff: wall time (s)"}
     assert all(0 < v < 60 for v in rec.values())
     assert len(outputs(nb, "application/vnd.jupyter.widget-view+json")) == 1  # the live panel
