@@ -23,7 +23,7 @@ from .world import SPECS, ToyWorld, WorldSpec, build_toy_world
 
 GRIDS = {
     "full": {
-        "coarse": WorldSpec(ldm=LDMTrainConfig(batch_size=64, ema_decay=None)),  # the default, trained as "fine"
+        "coarse": WorldSpec(ldm=LDMTrainConfig(batch_size=64)),  # the default, trained as "fine"
         "fine": SPECS["fine"],
     },
     "smoke": {

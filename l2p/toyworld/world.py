@@ -18,6 +18,7 @@ import torch
 from ..cache import cache_dir, cached
 from ..metrics import spectral_fidelity, toy_fid, toy_kid
 from ..model import ZImageDiT
+from ..reports import WORLD_KEY, record
 from ..pipeline import L2PPipeline, LatentPipeline
 from .evaluator import Evaluator, load_or_train_evaluator
 from .ldm import LDMTrainConfig, ldm_train_config, load_ldm, save_ldm, train_source_ldm
@@ -70,7 +71,7 @@ SPECS = {
     # The same world on a token grid twice as fine (8-px patches, 8×8 tokens at 64²): objects span ~2 tokens.
     # A stride-4, 4-channel VAE keeps the latent at 1,024 values; the LDM sees 64 images a step (4× the tokens
     # per image).
-    "fine": WorldSpec(vae_mode="fine", ldm=LDMTrainConfig(preset="toy_latent_fine", batch_size=64, ema_decay=None)),
+    "fine": WorldSpec(vae_mode="fine", ldm=LDMTrainConfig(preset="toy_latent_fine", batch_size=64)),
     "smoke": WorldSpec(mode="smoke", ldm=ldm_train_config("smoke"), corpus_size=16, eval_prompts=16, sample_steps=2),
 }
 
@@ -379,7 +380,6 @@ def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[Wo
     source, hist = cached_ldm(spec, spec.ldm, vae, text, progress)
     text.save()
     world = ToyWorld(spec, vae, vae_hist, evaluator, text, source.requires_grad_(False), hist)
-    from ..reports import WORLD_KEY, record
     name = spec.mode if spec == SPECS.get(spec.mode) else f"{spec.mode}, variant"
     record(f"{WORLD_KEY} ({name})", world.fingerprint)  # the report index names the build each notebook used
     return world
