@@ -1,9 +1,9 @@
 # Two commands on a fresh machine: `make reports` (the main job) and `make test`.
 PY ?= .venv/bin/python
 MODE ?= full
-# JOBS > 1: train the notebooks' fine-tuning runs first, in that many parallel workers (2 threads each; cut to
-# what the cores hold, cores ÷ 2)
-JOBS ?= 1
+# JOBS: train the notebooks' fine-tuning runs first, in that many parallel workers (1 thread each, cut to the
+# cores); auto: one per core in full mode; 1: the notebooks train them one by one
+JOBS ?= auto
 
 .PHONY: install test test-browser reports reports-smoke bench clean-cache
 

@@ -5,8 +5,10 @@ place, so a crash or a concurrent build never leaves a half-written entry that l
 one key take turns (a lock file per key), so processes that need the same artefact at once (report
 workers, two notebooks) build it once: the others wait, then load it.
 
-Every build runs on `build_threads()` torch threads, whatever the machine: float32 sums depend on the
-thread count, and training amplifies the difference, so a key names one artefact only at one count.
+Every build runs on a fixed number of torch threads, whatever the machine: float32 sums depend on the
+thread count, and training amplifies the difference, so a key names one artefact only at one count. Worlds
+and their parts build on `build_threads()` (2); fine-tuning runs, many small jobs, on `run_threads()` (1),
+so that a report trains one per core side by side.
 """
 from __future__ import annotations
 
@@ -46,18 +48,31 @@ def library_versions() -> dict:
 
 
 def build_threads() -> int:
-    """Torch threads every cached artefact is built with: $L2P_BUILD_THREADS, else 2 (the reference machine's).
+    """Torch threads the world's artefacts are built with: $L2P_BUILD_THREADS, else 2 (the reference machine's).
 
     At one thread count a build is bit-identical run to run; at another it is not (40 steps of the toy VAE on
     1 and 2 threads already differ by 0.01 in the weights), and training amplifies the difference. A fixed
-    count makes a build the same on any machine with the same CPU kind and library versions; more cores are
-    for running builds side by side (`make reports JOBS=N`).
+    count makes a build the same on any machine with the same CPU kind and library versions.
     """
-    env = os.environ.get("L2P_BUILD_THREADS")
+    return _threads_env("L2P_BUILD_THREADS", 2)
+
+
+def run_threads() -> int:
+    """Torch threads a toy fine-tuning run trains on: $L2P_RUN_THREADS, else 1.
+
+    A run's ops are small (batch 32 of 64² images): two 1-thread runs side by side take 0.63× the time of two
+    2-thread runs one after the other (bench/bench_oversubscription.py), so the reports train one run per
+    core (`make reports JOBS=auto`). One run alone on 1 thread is slower than on 2, the price of a fixed count.
+    """
+    return _threads_env("L2P_RUN_THREADS", 1)
+
+
+def _threads_env(name: str, default: int) -> int:
+    env = os.environ.get(name)
     if env is None or env == "":
-        return 2
+        return default
     if not env.isdigit() or int(env) < 1:
-        raise ValueError(f"L2P_BUILD_THREADS={env!r}: a positive number of threads")
+        raise ValueError(f"{name}={env!r}: a positive number of threads")
     return int(env)
 
 
@@ -148,30 +163,34 @@ def key_for(name: str, config: Any, seed: int, version: Optional[str] = None) ->
 
 def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
            save_fn: Callable[[Any, Path], None], load_fn: Callable[[Path], Any],
-           root: Optional[Union[str, Path]] = None, rebuild: bool = False, version: Optional[str] = None) -> Any:
-    """Load the artefact for this key, or build it, save it atomically and return it (as loaded back)."""
+           root: Optional[Union[str, Path]] = None, rebuild: bool = False, version: Optional[str] = None,
+           threads: Optional[int] = None) -> Any:
+    """Load the artefact for this key, or build it on `threads` torch threads (default `build_threads()`), save
+    it atomically and return it (as loaded back)."""
     root = Path(root) if root is not None else cache_dir()
     final = root / key_for(name, config, seed, version)
+    threads = threads or build_threads()
     if final.is_dir() and not rebuild:
-        return _load(final, load_fn)
+        return _load(final, load_fn, threads)
     root.mkdir(parents=True, exist_ok=True)
     with _key_lock(root / LOCKS / f"{final.name}.lock"):
         if final.is_dir() and not rebuild:  # built by another process while this one waited
-            return _load(final, load_fn)
-        with torch_threads(build_threads()):
-            _build_and_save(name, config, seed, version, final, build_fn, save_fn, rebuild)
+            return _load(final, load_fn, threads)
+        with torch_threads(threads):
+            _build_and_save(name, config, seed, version, final, build_fn, save_fn, rebuild, threads)
     # Return what a later call would load, so a hit and a miss give the same object type.
     return load_fn(final)
 
 
-def _load(final: Path, load_fn: Callable[[Path], Any]) -> Any:
+def _load(final: Path, load_fn: Callable[[Path], Any], threads: int) -> Any:
     """Load an entry; warn if it was built on another thread count than this process would build it on."""
     meta = final / "cache_meta.json"
     built = json.loads(meta.read_text()).get("threads") if meta.is_file() else None
-    if built is not None and built != build_threads():
+    if built is not None and built != threads:
         import warnings
-        warnings.warn(f"{final.name} was built on {built} thread(s); this process builds on {build_threads()} "
-                      f"(L2P_BUILD_THREADS), so a rebuild here would not give the same artefact", stacklevel=3)
+        warnings.warn(f"{final.name} was built on {built} thread(s); this process builds it on {threads} "
+                      "(L2P_BUILD_THREADS / L2P_RUN_THREADS), so a rebuild here would not give the same artefact",
+                      stacklevel=3)
     return load_fn(final)
 
 
@@ -192,7 +211,8 @@ def _key_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn, rebuild: bool) -> None:
+def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn, rebuild: bool,
+                    threads: int) -> None:
     root = final.parent
     t0 = time.perf_counter()
     artefact = build_fn()
@@ -203,7 +223,7 @@ def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn,
         meta = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "build_seconds": round(time.perf_counter() - t0, 2),  # build + save: what a cache hit saves
-                "threads": build_threads(), "libraries": library_versions()}
+                "threads": threads, "libraries": library_versions()}
         (tmp / "cache_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.is_dir() and rebuild:
             shutil.rmtree(final, ignore_errors=True)

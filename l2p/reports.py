@@ -91,10 +91,11 @@ def export(executed: Path) -> None:
 
 def environment() -> str:
     """One line: library versions, build threads, cores and the toy VAE's precision, as a report row records them."""
-    from .cache import available_cores, build_threads, library_versions, vae_precision
+    from .cache import available_cores, build_threads, library_versions, run_threads, vae_precision
     libs = ", ".join(f"{k} {v}" for k, v in library_versions().items() if v)
     precision = {"bf16": "bf16 autocast", "no": "fp32"}[vae_precision()]
-    return f"{libs}; build threads {build_threads()}; {available_cores()} cores; toy VAE trained in {precision}"
+    return (f"{libs}; build threads {build_threads()}, run threads {run_threads()}; {available_cores()} cores; "
+            f"toy VAE trained in {precision}")
 
 
 def write_index(out: Path, rows: list[dict], mode: str) -> Path:
@@ -118,7 +119,7 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
     for r in merged:
         links = f"[html]({r['stem']}.html) · [md]({r['stem']}.md) · [ipynb]({r['stem']}.ipynb)"
         lines.append(f"| {r['stem']} | {r['status']} | {r.get('mode', '?')} | {r['seconds'] / 60:.1f} | "
-                     f"`{r.get('commit', '?')}` | {r.get('date', '?')} | {world_builds(r) or 'not recorded'} | {links} |")
+                     f"`{r.get('commit', '?')}` | {r.get('date', '?')} | {world_cell(r)} | {links} |")
     envs: dict[str, list[str]] = {}
     for r in merged:
         envs.setdefault(r.get("environment") or "not recorded", []).append(r["stem"][:2])
@@ -142,6 +143,13 @@ def world_builds(row: dict) -> str:
     return ", ".join(f"`{fp}` ({name})" for name, fp in found)
 
 
+def world_cell(row: dict) -> str:
+    """The index's *toy world build* cell: the builds, "none used", or "not recorded" for older rows."""
+    # rows whose environment names the VAE precision come from a runner that records world builds (ef96778 on)
+    recorded = "toy VAE trained in" in (row.get("environment") or "")
+    return world_builds(row) or ("none used" if recorded else "not recorded")
+
+
 def busy_cores_note(threads: int) -> Optional[str]:
     """A warning when other processes already keep the cores busy (1-min load average), else None.
 
@@ -162,11 +170,12 @@ def busy_cores_note(threads: int) -> Optional[str]:
 
 
 def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[str]] = None,
-        timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: int = 1) -> list[dict]:
+        timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: Optional[int] = None) -> list[dict]:
     """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
 
     With jobs > 1, first train the fine-tuning runs the notebooks will ask for in that many worker
-    processes (`toyworld.prebuild`); the notebooks then load them from the cache.
+    processes (`toyworld.prebuild`); the notebooks then load them from the cache. None: one worker per
+    core in full mode (`prebuild.auto_jobs`), none in smoke mode.
     """
     import papermill as pm
 
@@ -179,6 +188,9 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     note = busy_cores_note(build_threads())
     if note:
         print(note, flush=True)
+    if jobs is None:
+        from .toyworld.prebuild import auto_jobs
+        jobs = auto_jobs(mode)
     if jobs > 1:
         from .toyworld.prebuild import prebuild
         if parameters:
@@ -226,15 +238,30 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     p.add_argument("--only", nargs="*", help="notebook numbers or names, e.g. 00 03")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=_jobs, default=None,
                    help="train the notebooks' fine-tuning runs first in this many parallel workers, each on "
-                        "L2P_BUILD_THREADS threads (2), at most cores ÷ threads; 1: the notebooks train them "
-                        "one by one")
+                        "L2P_RUN_THREADS threads (1), at most cores ÷ threads; 1: the notebooks train them "
+                        "one by one; auto (default): one per core in full mode, 1 in smoke mode")
+    p.add_argument("--plan", action="store_true",
+                   help="print which fine-tuning runs are cached and an estimate of what is left, then exit")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra notebook parameter (string), e.g. -p experiments=transfer,freeze_policy")
 
 
+def _jobs(v: str) -> Optional[int]:
+    if v == "auto":
+        return None
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"--jobs {v!r}: a number of workers, or auto")
+    return int(v)
+
+
 def _main(a) -> int:
+    if a.plan:
+        from .toyworld.prebuild import auto_jobs, plan_summary, plan_table
+        nbs = [nb.stem for nb in notebooks(a.only)]
+        print(plan_summary(plan_table(a.mode, nbs), a.jobs or auto_jobs(a.mode)))
+        return 0
     params = dict(kv.split("=", 1) for kv in a.param)
     run(a.mode, a.out, a.only, a.timeout, params or None, a.jobs)
     return 0

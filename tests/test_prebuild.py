@@ -1,4 +1,5 @@
 """Parallel prebuild of the reports' fine-tuning runs, and the cache lock that lets workers share artefacts."""
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -40,7 +41,6 @@ def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
 
 
 def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatch):
-    import json
     from importlib.metadata import version
     import torch
     seen = []
@@ -68,6 +68,18 @@ def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatc
     monkeypatch.setenv("L2P_BUILD_THREADS", "two")
     with pytest.raises(ValueError, match="L2P_BUILD_THREADS"):
         cache.build_threads()
+    monkeypatch.setenv("L2P_BUILD_THREADS", "2")
+    # an artefact kind with its own count (fine-tuning runs: run_threads) builds and records on that count
+    assert cache.cached("z", {}, 0, build, save, load, root=tmp_path, threads=1) == "a"
+    assert seen == [2, 1] and torch.get_num_threads() == before
+    assert json.loads((tmp_path / cache.key_for("z", {}, 0) / "cache_meta.json").read_text())["threads"] == 1
+    with pytest.warns(UserWarning, match="built on 1 thread"):
+        cache.cached("z", {}, 0, build, save, load, root=tmp_path)  # asked for on build_threads (2)
+    monkeypatch.delenv("L2P_RUN_THREADS", raising=False)
+    assert cache.run_threads() == 1
+    monkeypatch.setenv("L2P_RUN_THREADS", "0")
+    with pytest.raises(ValueError, match="L2P_RUN_THREADS"):
+        cache.run_threads()
 
 
 def _fake_runs(monkeypatch):
@@ -113,6 +125,13 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     ours = [r for r in prebuild.planned_runs("smoke") if r.label.startswith("03 ")]
     assert done["planned"] == 2 and len(ours) == 2 and all(r.cached() for r in ours)
     assert logged[0].startswith("prebuild (smoke): ") and "2 worker(s) × 1 thread(s)" in logged[0]
+    assert logged[1].startswith("  world smoke: ready")  # built by the main process before the workers
+    # the workers trained on run_threads(), and the world's parts were built on build_threads()
+    for r in ours:
+        entry = cache.cache_dir() / cache.key_for("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed)
+        assert json.loads((entry / "cache_meta.json").read_text())["threads"] == cache.run_threads()
+    inits = list(cache.cache_dir().glob("toy_pixel_init-*/cache_meta.json"))
+    assert inits and all(json.loads(m.read_text())["threads"] == cache.build_threads() for m in inits)
     # the notebook's calls now load, never train
     monkeypatch.setattr(cache, "_build_and_save", lambda *a, **k: pytest.fail(f"rebuilt {a[0]}"))
     world = build_toy_world("smoke", progress=False)
@@ -127,15 +146,30 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("cores,threads,jobs,used", [(2, 2, 2, 1), (2, 2, 5, 1), (16, 2, 8, 8), (16, 2, 12, 8),
-                                                     (1, 2, 3, 1), (4, 1, 3, 3)])
+                                                     (1, 2, 3, 1), (4, 1, 3, 3), (2, 1, 2, 2), (2, 1, 3, 2)])
 def test_prebuild_never_runs_more_workers_than_the_cores_hold(monkeypatch, cores, threads, jobs, used):
     """Oversubscribed OpenMP threads slow every job down (bench/bench_oversubscription.py): cut to cores // threads."""
     monkeypatch.setattr(prebuild, "available_cores", lambda: cores)
-    monkeypatch.setenv("L2P_BUILD_THREADS", str(threads))
+    monkeypatch.setenv("L2P_RUN_THREADS", str(threads))
     logged = []
     prebuild.prebuild("smoke", jobs=jobs, notebooks=["99"], log=logged.append)  # no notebook 99: nothing to train
     assert f"with {used} worker(s) × {threads} thread(s)" in logged[-1]
     assert any("oversubscribe" in m for m in logged) == (used < jobs)
+
+
+@pytest.mark.parametrize("mode,cores,threads,used", [("full", 2, 1, 2), ("full", 16, 2, 8), ("full", 1, 1, 1),
+                                                     ("full", 3, 2, 1), ("smoke", 16, 1, 1)])
+def test_auto_jobs_is_one_worker_per_run_threads_cores_in_full_mode(monkeypatch, mode, cores, threads, used):
+    from l2p import reports
+    monkeypatch.setattr(prebuild, "available_cores", lambda: cores)
+    monkeypatch.setenv("L2P_RUN_THREADS", str(threads))
+    assert prebuild.auto_jobs(mode) == used
+    logged = []
+    prebuild.prebuild(mode, jobs=None, notebooks=["99"], log=logged.append)
+    assert f"with {used} worker(s)" in logged[-1] and not any("oversubscribe" in m for m in logged)
+    assert reports._jobs("auto") is None and reports._jobs("3") == 3
+    with pytest.raises(Exception, match="auto"):
+        reports._jobs("many")
 
 
 def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp_path, monkeypatch):
@@ -149,3 +183,25 @@ def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp
         vae, _ = load_or_train_vae(cfg, progress=False)
         weights.append({k: v.clone() for k, v in vae.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path))
+    spec = prebuild.SPECS["smoke"]
+    base = recipe.FINETUNE_MODES["smoke"]
+    runs = [prebuild.PlannedRun(spec, base.replace(seed=s), f"04 · x: a, seed {s}") for s in (0, 1)]
+    runs.append(prebuild.PlannedRun(spec, base.replace(steps=99), "07 · y, seed 0"))
+    monkeypatch.setattr(prebuild, "planned_runs", lambda mode: runs)
+    r = runs[0]
+
+    def slow_build():
+        time.sleep(0.05)
+        return "x"
+    cache.cached("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed, slow_build,
+                 lambda a, p: (p / "a").write_text(a), lambda p: p)
+    df = prebuild.plan_table("smoke")
+    assert df.cached.tolist() == [True, False, False] and df.estimated.tolist() == [False, True, True]
+    assert df.minutes[0] > 0 and df.minutes[1] == df.minutes[0] and df.minutes.isna()[2]  # no run of its budget
+    text = prebuild.plan_summary(df, jobs=2)
+    assert "04: 1 of 2 runs cached" in text and "07: 0 of 1 runs cached" in text and "1 of unknown cost" in text
+    assert list(prebuild.plan_table("smoke", notebooks=["07_token_grid"]).notebook) == ["07"]

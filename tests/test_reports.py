@@ -43,6 +43,16 @@ def test_reports_smoke_run(tmp_path, monkeypatch):
     builds = {r["stem"]: reports.world_builds(r) for r in rows}
     assert builds["00_toy_world"].endswith("(smoke)") and builds["03_finetune"] == builds["00_toy_world"]
     assert f"| {builds['03_finetune']} |" in index
+    assert reports.world_cell(next(r for r in rows if r["stem"] == "06_efficiency")) == "none used"
+
+
+def test_the_index_tells_a_report_without_a_world_from_an_older_row():
+    from l2p import reports
+    env = "torch 2.13.0; build threads 2, run threads 1; 2 cores; toy VAE trained in fp32"
+    used = {"environment": env, "summary": {"world build (full)": {"value": "53dafa4e56"}}}
+    assert reports.world_cell(used) == "`53dafa4e56` (full)"
+    assert reports.world_cell({"environment": env, "summary": {}}) == "none used"
+    assert reports.world_cell({"summary": {}}) == "not recorded"  # written before world builds were recorded
 
 
 def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):

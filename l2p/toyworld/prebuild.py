@@ -1,14 +1,13 @@
 """Train what the reports need ahead of the notebooks, in parallel worker processes (`l2p.reports --jobs N`).
 
 Every fine-tuning run of notebooks 03, 04 and 07 is an independent cached artefact, and together they are
-most of a report run's cost. Here workers build them side by side; the notebooks then find them all in the
-cache. A worker that needs something another is building (a world, a corpus, the cross-model LDM) waits
-on the cache's per-key lock and then loads it, so nothing is built twice.
-
-Each worker trains on `cache.build_threads()` threads (2 by default), as every cached build does, so a run
-built here is exactly the run a notebook would have trained. N workers therefore want 2·N cores; more
-workers than the cores hold are cut to what fits, since oversubscribed OpenMP threads slow every job down
-(on the 2-core reference machine, one worker).
+most of a report run's cost. Here the main process first builds, one by one, what the runs depend on (their
+worlds, corpora, converted inits, the cross-model LDM: larger jobs on `cache.build_threads()` threads, 2),
+then workers train the runs side by side, each on `cache.run_threads()` threads (1), as every run is built,
+so a run built here is exactly the run a notebook would have trained. N workers therefore want N·threads
+cores; more workers than the cores hold are cut to what fits, since oversubscribed OpenMP threads slow every
+job down. On the 2-core reference machine that is 2 workers × 1 thread, 0.63× the time of training the runs
+one after the other on 2 threads (bench/bench_oversubscription.py).
 """
 from __future__ import annotations
 
@@ -18,7 +17,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Optional
 
-from ..cache import available_cores, build_threads, is_cached
+import pandas as pd
+
+from ..cache import available_cores, is_cached, run_threads
 from .recipe import FINETUNE_MODES, FinetuneConfig, run_key
 from .world import SPECS, WorldSpec
 
@@ -80,15 +81,38 @@ def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     return run, time.perf_counter() - t0
 
 
-def prebuild(mode: str = "full", jobs: int = 2, notebooks: Optional[list[str]] = None, log=print) -> dict:
-    """Build every planned run that is not cached, `jobs` at a time.
+def auto_jobs(mode: str = "full") -> int:
+    """Workers `--jobs auto` uses: one per `run_threads()` cores in full mode; 1 in smoke mode, whose runs take
+    seconds, less than starting a worker."""
+    return max(1, available_cores() // run_threads()) if mode == "full" else 1
+
+
+def _prepare(runs: list[PlannedRun], log) -> None:
+    """Build each run's world, corpus and init in this process, one at a time, before any worker starts."""
+    from .recipe import prepare
+    from .world import build_toy_world
+    worlds: dict = {}
+    for r in runs:
+        wkey = repr(r.world.key())
+        if wkey not in worlds:
+            t0 = time.perf_counter()
+            worlds[wkey] = build_toy_world(spec=r.world, progress=False)
+            log(f"  world {r.world.mode}: ready ({(time.perf_counter() - t0) / 60:.1f} min)")
+        prepare(worlds[wkey], r.config)
+
+
+def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional[list[str]] = None,
+             log=print) -> dict:
+    """Build every planned run that is not cached, `jobs` at a time (None: `auto_jobs(mode)`).
 
     `notebooks` ("03", "07_token_grid", …) limits the plan to those notebooks' runs. Returns counts and
     the wall time.
     """
+    if jobs is None:
+        jobs = auto_jobs(mode)
     if jobs < 1:
         raise ValueError(f"jobs must be ≥ 1, got {jobs}")
-    threads, cores = build_threads(), available_cores()
+    threads, cores = run_threads(), available_cores()
     fit = max(1, cores // threads)
     if jobs > fit:
         # torch's OpenMP threads spin at barriers waiting for threads the OS has descheduled: two 2-thread jobs on
@@ -103,6 +127,7 @@ def prebuild(mode: str = "full", jobs: int = 2, notebooks: Optional[list[str]] =
         f"with {jobs} worker(s) × {threads} thread(s)")
     t0 = time.perf_counter()
     if todo:
+        _prepare(todo, log)
         # spawn, not fork: a forked child inherits the parent's OpenMP state and can hang in torch
         pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
         try:
@@ -114,3 +139,43 @@ def prebuild(mode: str = "full", jobs: int = 2, notebooks: Optional[list[str]] =
         finally:  # on an error or Ctrl-C, start nothing new; finished runs stay cached
             pool.shutdown(wait=True, cancel_futures=True)
     return {"planned": total, "built": len(todo), "minutes": (time.perf_counter() - t0) / 60}
+
+
+def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None) -> pd.DataFrame:
+    """One row per planned run: its notebook, label, budget, whether it is cached and what its build took.
+
+    For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch,
+    image size), marked `estimated`; NaN where none is cached. What `l2p.reports --plan` prints.
+    """
+    from ..cache import build_seconds
+    rows = []
+    for r in planned_runs(mode):
+        if notebooks is not None and not any(r.label.startswith(nb[:2] + " ") for nb in notebooks):
+            continue
+        c = r.config
+        sec = build_seconds("toy_finetune", run_key(r.world, c), c.seed)
+        rows.append({"notebook": r.label[:2], "run": r.label, "budget": f"{c.steps} × {c.batch_size} at {c.image_size}²",
+                     "cached": r.cached(), "minutes": None if sec is None else sec / 60, "estimated": False})
+    df = pd.DataFrame(rows, columns=["notebook", "run", "budget", "cached", "minutes", "estimated"])
+    if len(df):
+        df["minutes"] = df["minutes"].astype(float)
+        known = df[df.cached].groupby("budget").minutes.median()
+        todo = ~df.cached
+        df.loc[todo, "minutes"] = df.loc[todo, "budget"].map(known).astype(float)
+        df.loc[todo, "estimated"] = True
+    return df
+
+
+def plan_summary(df: pd.DataFrame, jobs: int) -> str:
+    """Per notebook: runs cached of planned, and the run-minutes left (estimated) over `jobs` workers."""
+    lines = []
+    for nb, g in df.groupby("notebook"):
+        left = g[~g.cached]
+        unknown = int(left.minutes.isna().sum())
+        est = left.minutes.sum()
+        tail = f"; {unknown} of unknown cost (no cached run of their budget)" if unknown else ""
+        lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
+                     f"{est / max(1, jobs):.0f} min on {jobs} worker(s){tail}")
+    lines.append("(estimates from the build times recorded for cached runs of the same budget; worlds, corpora "
+                 "and the notebooks themselves not counted)")
+    return "\n".join(lines)

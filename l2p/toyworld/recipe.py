@@ -14,7 +14,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from ..cache import cached, without_late_defaults
+from ..cache import cached, run_threads, without_late_defaults
 from ..config import TOY_DETAILER, TOY_DETAILER_FINE, DetailerConfig
 from ..model import ZImageDiT
 from ..train import TrainConfig, train
@@ -130,13 +130,21 @@ def toy_detailer(world: ToyWorld) -> DetailerConfig:
     return heads[world.spec.pixel_patch]
 
 
+def _detailer(world: ToyWorld, cfg: FinetuneConfig) -> DetailerConfig:
+    return DetailerConfig(channels=tuple(cfg.head_channels or toy_detailer(world).channels),
+                          prediction=cfg.prediction, time_conditioning=cfg.head_time, upsample=cfg.head_upsample)
+
+
+def _init_path(world: ToyWorld, cfg: FinetuneConfig) -> Path:
+    """The converted file a run starts from (from scratch: the release init's file, for its architecture)."""
+    return pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
+                      detailer=replace(_detailer(world, cfg), prediction="velocity"), vae_fit_gain=cfg.vae_fit_gain)
+
+
 def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
     """The converted init, or the same architecture from scratch for the no-transfer baseline."""
-    det = DetailerConfig(channels=tuple(cfg.head_channels or toy_detailer(world).channels), prediction=cfg.prediction,
-                         time_conditioning=cfg.head_time, upsample=cfg.head_upsample)
-    path = pixel_init(world, "release" if cfg.init == "scratch" else cfg.init, (cfg.patch,),
-                      detailer=replace(det, prediction="velocity"), vae_fit_gain=cfg.vae_fit_gain)
-    model = ZImageDiT.from_pretrained(path)
+    det = _detailer(world, cfg)
+    model = ZImageDiT.from_pretrained(_init_path(world, cfg))
     model.cfg = model.cfg.replace(detailer=det)  # what the head predicts does not change its weights
     if cfg.init == "scratch":
         torch.manual_seed(cfg.seed)
@@ -171,6 +179,16 @@ def cross_source(world: ToyWorld) -> ZImageDiT:
     ldm = world.spec.ldm.replace(seed=world.spec.ldm.seed + 1, data_seed=world.spec.ldm.data_seed + 1,
                                  steps=max(1, world.spec.ldm.steps // 2))
     return cached_ldm(world.spec, ldm, world.vae, world.text, progress=False)[0]
+
+
+def prepare(world: ToyWorld, cfg: FinetuneConfig) -> None:
+    """Build (or find) what a run needs before it trains: its corpus, a second LDM for it, its converted init.
+
+    These are built on `build_threads()`; the report's prebuild makes them one by one before its 1-thread
+    run workers start, so that no 2-thread build shares the cores with them.
+    """
+    corpus_dir(world, cfg)
+    _init_path(world, cfg)
 
 
 def _dataset(world: ToyWorld, cfg: FinetuneConfig):
@@ -239,7 +257,8 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
         return FinetuneRun(cfg, ZImageDiT.from_pretrained(p / "model.safetensors"), pd.read_csv(p / "history.csv"),
                            pd.read_csv(p / "evals.csv"), p, torch.load(p / "samples.pt"))
 
-    return cached("toy_finetune", run_key(world.spec, cfg), cfg.seed, build_fn=build, save_fn=save, load_fn=load)
+    return cached("toy_finetune", run_key(world.spec, cfg), cfg.seed, build_fn=build, save_fn=save, load_fn=load,
+                  threads=run_threads())
 
 
 def run_key(spec, cfg: FinetuneConfig) -> dict:
