@@ -245,7 +245,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print which fine-tuning runs are cached and an estimate of what is left, then exit")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra notebook parameter (string), e.g. -p experiments=transfer,freeze_policy")
+                   help="extra notebook parameter, a Python literal or else a string, e.g. -p steps=6000 "
+                        "-p experiments=transfer,freeze_policy")
 
 
 def _jobs(v: str) -> Optional[int]:
@@ -256,13 +257,25 @@ def _jobs(v: str) -> Optional[int]:
     return int(v)
 
 
+def _param(kv: str) -> tuple[str, object]:
+    """`-p KEY=VALUE`: a Python literal (6000, 1.0, True) where VALUE reads as one, else the string."""
+    import ast
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"-p {kv!r}: expected KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _main(a) -> int:
     if a.plan:
         from .toyworld.prebuild import auto_jobs, plan_summary, plan_table
         nbs = [nb.stem for nb in notebooks(a.only)]
         print(plan_summary(plan_table(a.mode, nbs), a.jobs or auto_jobs(a.mode)))
         return 0
-    params = dict(kv.split("=", 1) for kv in a.param)
+    params = dict(_param(kv) for kv in a.param)
     run(a.mode, a.out, a.only, a.timeout, params or None, a.jobs)
     return 0
 

@@ -115,3 +115,15 @@ def test_a_report_run_warns_when_other_processes_keep_the_cores_busy(monkeypatch
     assert (note is not None) == warned
     if warned:
         assert f"load average {load:.1f} on {cores} core(s)" in note
+
+
+def test_notebook_parameters_from_the_command_line_are_literals_where_they_read_as_one():
+    from l2p import reports
+    assert reports._param("steps=6000") == ("steps", 6000)
+    assert reports._param("vae_fit_gain=1.0") == ("vae_fit_gain", 1.0)
+    assert reports._param("head_time=True") == ("head_time", True)
+    assert reports._param("init=vae_fit") == ("init", "vae_fit")
+    assert reports._param("experiments=transfer,freeze_policy") == ("experiments", "transfer,freeze_policy")
+    assert reports._param("note=a=b") == ("note", "a=b")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        reports._param("steps")
