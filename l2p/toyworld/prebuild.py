@@ -81,6 +81,12 @@ def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     return run, time.perf_counter() - t0
 
 
+def _planned(mode: str, notebooks: Optional[list[str]]) -> list[PlannedRun]:
+    """The plan, limited to the runs of `notebooks` ("03", "07_token_grid", …; None: all)."""
+    return [r for r in planned_runs(mode)
+            if notebooks is None or any(r.label.startswith(nb[:2] + " ") for nb in notebooks)]
+
+
 def auto_jobs(mode: str = "full") -> int:
     """Workers `--jobs auto` uses: one per `run_threads()` cores in full mode; 1 in smoke mode, whose runs take
     seconds, less than starting a worker."""
@@ -119,8 +125,7 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
         # 2 cores are far slower together than one after the other (bench/bench_oversubscription.py)
         log(f"note: {jobs} workers × {threads} threads would oversubscribe {cores} core(s); using {fit} worker(s)")
         jobs = fit
-    plan = [r for r in planned_runs(mode)
-            if notebooks is None or any(r.label.startswith(nb[:2] + " ") for nb in notebooks)]
+    plan = _planned(mode, notebooks)
     todo = [r for r in plan if not r.cached()]
     total = len(plan)
     log(f"prebuild ({mode}): {total - len(todo)} of {total} runs cached; training {len(todo)} "
@@ -149,9 +154,7 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None) -> pd.
     """
     from ..cache import build_seconds
     rows = []
-    for r in planned_runs(mode):
-        if notebooks is not None and not any(r.label.startswith(nb[:2] + " ") for nb in notebooks):
-            continue
+    for r in _planned(mode, notebooks):
         c = r.config
         sec = build_seconds("toy_finetune", run_key(r.world, c), c.seed)
         rows.append({"notebook": r.label[:2], "run": r.label, "budget": f"{c.steps} × {c.batch_size} at {c.image_size}²",
