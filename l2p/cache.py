@@ -236,12 +236,19 @@ def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn,
         raise
 
 
+def build_meta(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,
+               version: Optional[str] = None) -> Optional[dict]:
+    """The cached artefact's `cache_meta.json` (build time, threads, library versions); None if not cached."""
+    root = Path(root) if root is not None else cache_dir()
+    meta = root / key_for(name, config, seed, version) / "cache_meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def build_seconds(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,
                   version: Optional[str] = None) -> Optional[float]:
     """Wall time the cached artefact took to build and save (None: not cached, or cached before this was kept)."""
-    root = Path(root) if root is not None else cache_dir()
-    meta = root / key_for(name, config, seed, version) / "cache_meta.json"
-    return json.loads(meta.read_text()).get("build_seconds") if meta.is_file() else None
+    meta = build_meta(name, config, seed, root, version)
+    return None if meta is None else meta.get("build_seconds")
 
 
 def is_cached(name: str, config: Any, seed: int, root: Optional[Union[str, Path]] = None,

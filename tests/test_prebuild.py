@@ -187,6 +187,7 @@ def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp
 
 def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("L2P_CACHE", str(tmp_path))
+    monkeypatch.setenv("L2P_BUILD_THREADS", "2")
     spec = prebuild.SPECS["smoke"]
     base = recipe.FINETUNE_MODES["smoke"]
     runs = [prebuild.PlannedRun(spec, base.replace(seed=s), f"04 · x: a, seed {s}") for s in (0, 1)]
@@ -199,9 +200,15 @@ def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, mon
         return "x"
     cache.cached("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed, slow_build,
                  lambda a, p: (p / "a").write_text(a), lambda p: p)
-    df = prebuild.plan_table("smoke")
+    df = prebuild.plan_table("smoke", threads=2)
     assert df.cached.tolist() == [True, False, False] and df.estimated.tolist() == [False, True, True]
+    assert df.threads[0] == 2 and df.basis[1] == "2 thread(s)"  # cache.cached builds on build_threads() = 2
     assert df.minutes[0] > 0 and df.minutes[1] == df.minutes[0] and df.minutes.isna()[2]  # no run of its budget
-    text = prebuild.plan_summary(df, jobs=2)
+    text = prebuild.plan_summary(df, jobs=2, threads=2)
     assert "04: 1 of 2 runs cached" in text and "07: 0 of 1 runs cached" in text and "1 of unknown cost" in text
+    assert "another thread count" not in text
+    # workers on 1 thread: the 2-thread run still stands in, but the summary says so
+    df1 = prebuild.plan_table("smoke", threads=1)
+    assert df1.minutes[1] == df.minutes[1] and df1.basis[1] == "other threads"
+    assert "1 estimated from runs on another thread count" in prebuild.plan_summary(df1, jobs=2, threads=1)
     assert list(prebuild.plan_table("smoke", notebooks=["07_token_grid"]).notebook) == ["07"]

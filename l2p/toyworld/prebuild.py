@@ -146,39 +146,60 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
     return {"planned": total, "built": len(todo), "minutes": (time.perf_counter() - t0) / 60}
 
 
-def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None) -> pd.DataFrame:
-    """One row per planned run: its notebook, label, budget, whether it is cached and what its build took.
+def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, threads: Optional[int] = None
+               ) -> pd.DataFrame:
+    """One row per planned run: its notebook, label, budget, whether it is cached, what its build took and on how
+    many threads.
 
-    For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch,
-    image size), marked `estimated`; NaN where none is cached. What `l2p.reports --plan` prints.
+    For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch, image
+    size) trained on `threads` (default `run_threads()`, what the workers use), marked `estimated`. A 1-thread
+    run that shared the cores with another records its time as it ran, 12–13 min for 1500 × 32 here against
+    6–8 for one alone on 2 threads, so mixing counts would be off by half. Where no run of the budget was
+    trained on `threads`, the median over other counts stands in (`basis` "other threads"); NaN where none is
+    cached. What `l2p.reports --plan` prints.
     """
-    from ..cache import build_seconds
+    from ..cache import build_meta
+    threads = threads or run_threads()
     rows = []
     for r in _planned(mode, notebooks):
         c = r.config
-        sec = build_seconds("toy_finetune", run_key(r.world, c), c.seed)
+        meta = build_meta("toy_finetune", run_key(r.world, c), c.seed) or {}
+        sec = meta.get("build_seconds")
         rows.append({"notebook": r.label[:2], "run": r.label, "budget": f"{c.steps} × {c.batch_size} at {c.image_size}²",
-                     "cached": r.cached(), "minutes": None if sec is None else sec / 60, "estimated": False})
-    df = pd.DataFrame(rows, columns=["notebook", "run", "budget", "cached", "minutes", "estimated"])
+                     "cached": r.cached(), "minutes": None if sec is None else sec / 60,
+                     "threads": meta.get("threads"), "estimated": False, "basis": None})
+    df = pd.DataFrame(rows, columns=["notebook", "run", "budget", "cached", "minutes", "threads", "estimated",
+                                     "basis"])
     if len(df):
         df["minutes"] = df["minutes"].astype(float)
-        known = df[df.cached].groupby("budget").minutes.median()
+        done = df[df.cached & df.minutes.notna()]
+        same = done[done.threads == threads].groupby("budget").minutes.median()
+        other = done.groupby("budget").minutes.median()
         todo = ~df.cached
-        df.loc[todo, "minutes"] = df.loc[todo, "budget"].map(known).astype(float)
+        by_same = df.loc[todo, "budget"].map(same).astype(float)
+        by_other = df.loc[todo, "budget"].map(other).astype(float)
+        basis = pd.Series(None, index=by_same.index, dtype=object)
+        basis[by_same.notna()] = f"{threads} thread(s)"
+        basis[by_same.isna() & by_other.notna()] = "other threads"
+        df.loc[todo, "minutes"] = by_same.fillna(by_other)
         df.loc[todo, "estimated"] = True
+        df.loc[todo, "basis"] = basis
     return df
 
 
-def plan_summary(df: pd.DataFrame, jobs: int) -> str:
+def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> str:
     """Per notebook: runs cached of planned, and the run-minutes left (estimated) over `jobs` workers."""
+    threads = threads or run_threads()
     lines = []
     for nb, g in df.groupby("notebook"):
         left = g[~g.cached]
         unknown = int(left.minutes.isna().sum())
+        other = int((left.basis == "other threads").sum())
         est = left.minutes.sum()
         tail = f"; {unknown} of unknown cost (no cached run of their budget)" if unknown else ""
+        tail += f"; {other} estimated from runs on another thread count" if other else ""
         lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
                      f"{est / max(1, jobs):.0f} min on {jobs} worker(s){tail}")
-    lines.append("(estimates from the build times recorded for cached runs of the same budget; worlds, corpora "
-                 "and the notebooks themselves not counted)")
+    lines.append(f"(estimates: the median build time of cached runs of the same budget trained on {threads} "
+                 "thread(s), as the workers train; worlds, corpora and the notebooks themselves not counted)")
     return "\n".join(lines)
