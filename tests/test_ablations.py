@@ -73,6 +73,20 @@ def test_smoke_variants_stay_tiny_and_full_ones_share_the_baseline():
     assert small.steps == 2 and small.batch_size == 4 and small.eval_prompts == 8
 
 
+def test_data_quantity_verdict_needs_gains_beyond_the_spread():
+    exp = get_experiment("data_quantity")
+    a, b, c = exp.variants
+    saturating = curves({a: [0.10, 0.11, 0.09], b: [0.30, 0.31, 0.29], c: [0.33, 0.34, 0.32]})
+    assert verdict(exp, saturating, 0.5)[1] == "agrees: gains shrink as the corpus grows"
+    # scores that fall with the corpus inside the spread are no "shrinking gains" (session 12's 300-step runs)
+    flat = curves({a: [0.115, 0.07, 0.16], b: [0.108, 0.07, 0.145], c: [0.087, 0.066, 0.108]})
+    assert verdict(exp, flat, 0.5)[1].startswith("inconclusive")
+    falling = curves({a: [0.30, 0.31, 0.29], b: [0.20, 0.21, 0.19], c: [0.10, 0.11, 0.09]})
+    assert verdict(exp, falling, 0.5)[1].startswith(f"disagrees: {a} beats the largest corpus")
+    linear = curves({a: [0.10, 0.11, 0.09], b: [0.20, 0.21, 0.19], c: [0.40, 0.41, 0.39]})
+    assert verdict(exp, linear, 0.5)[1].startswith("disagrees: the larger corpus still helps")
+
+
 def test_noise_shift_verdict_needs_a_clear_winner():
     exp = get_experiment("noise_shift_highres")
     clear = curves({"shift 1": [0.1] * 3, "shift 3": [0.2] * 3, "shift 12": [0.4, 0.41, 0.39]})

@@ -297,14 +297,17 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
             return found, (f"inconclusive: {best} scores higher than {default} by {margin(best, default):.3f}, "
                            f"within the seed spread ({noise(best, default):.3f})")
         return found, f"disagrees: {best} beats {default} by more than the seed spread"
-    if exp.name == "data_quantity":
-        g = t["geneval mean"].values
-        if len(g) >= 3:
-            first, last = g[1] - g[0], g[-1] - g[1]
-            sat = last < first
-            return found, ("agrees: gains shrink as the corpus grows" if sat else
-                           "disagrees: the larger corpus still helps as much or more")
-        return found, "inconclusive"
+    if exp.name == "data_quantity":  # variants run from the smallest corpus to the largest
+        g, largest = t["geneval mean"].values, t.index[-1]
+        worst = t["geneval mean"].idxmin()
+        if len(g) < 3 or margin(best, worst) <= noise(best, worst):
+            # flat within the spread: saturation and "nothing learned yet" look alike, so no verdict
+            return found, "inconclusive: no corpus size differs from another by more than the seed spread"
+        if best != largest and margin(best, largest) > noise(best, largest):
+            return found, f"disagrees: {best} beats the largest corpus ({largest}) by more than the seed spread"
+        first, last = g[1] - g[0], g[-1] - g[1]
+        return found, ("agrees: gains shrink as the corpus grows" if 0 <= last < first else
+                       "disagrees: the larger corpus still helps as much or more")
     if exp.name == "noise_shift_highres":
         best_shift = float(best.split()[-1])
         ties = [v for v in t.index if v != best and abs(margin(best, v)) <= noise(best, v)]
