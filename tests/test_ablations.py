@@ -87,6 +87,18 @@ def test_data_quantity_verdict_needs_gains_beyond_the_spread():
     assert verdict(exp, linear, 0.5)[1].startswith("disagrees: the larger corpus still helps")
 
 
+def test_a_verdict_at_the_untrained_floor_is_inconclusive():
+    """Session 12: three Detailer Heads ended at 0.067 on every seed, their step-0 score; no ranking of those."""
+    exp = get_experiment("detailer_head")
+    flat = curves({v: [0.0] * 3 for v in exp.variants})
+    flat["geneval"] = 0.067
+    flat.loc[(flat.variant == "toy head (8 wide)") & (flat.step == 300), "geneval"] = [0.06, 0.10, 0.10]
+    found, agrees = verdict(exp, flat, 0.5)
+    assert "Untrained (step 0): 0.067." in found and agrees.startswith("inconclusive: no variant ends above")
+    learned = curves({v: [0.2, 0.21, 0.19] for v in exp.variants})  # linear from 0: every variant learned
+    assert "no variant ends above" not in verdict(exp, learned, 0.5)[1]
+
+
 def test_noise_shift_verdict_needs_a_clear_winner():
     exp = get_experiment("noise_shift_highres")
     clear = curves({"shift 1": [0.1] * 3, "shift 3": [0.2] * 3, "shift 12": [0.4, 0.41, 0.39]})

@@ -285,6 +285,13 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
             return found, f"agrees in direction; {'≥ ' if lower_bound else ''}{ratio:.1f}× measured (goal 10×)"
         return found, "disagrees"
     found = "Final toy-GenEval (mean ± std over seeds): " + "; ".join(f"{v} {_ms(t, v)}" for v in t.index) + "."
+    if curves.step.min() == 0:  # each run is also scored untrained: a short budget can end where it began
+        start = curves[curves.step == 0].groupby("variant").geneval.mean().reindex(t.index)
+        found += f" Untrained (step 0): {start.min():.3f}" + (f"–{start.max():.3f}." if start.max() > start.min()
+                                                                 else ".")
+        if ((t["geneval mean"] - start) <= t["geneval std"].fillna(0)).all():
+            return found, ("inconclusive: no variant ends above its untrained score by more than the seed spread; "
+                           "this budget is too short to tell them apart")
     if exp.name in ("freeze_policy", "data_source"):
         others = [v for v in t.index if v != default]
         wins = [v for v in others if margin(default, v) > noise(default, v)]
