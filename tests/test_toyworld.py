@@ -492,3 +492,12 @@ def test_denoising_error_per_sigma_has_the_right_sign_and_references():
     assert np.allclose(df["zero"], df["identity"]) and (df["oracle"] < 1e-10).all()
     assert df["identity"].is_monotonic_increasing and df["VAE reconstruction"].nunique() == 1
     assert np.isfinite(df["source LDM (decoded)"]).all()
+
+
+def test_a_built_world_has_no_missing_pieces_and_times_each_one():
+    """`missing_pieces` (what `--plan` reports) reads the same cache keys `build_toy_world` writes."""
+    from l2p.toyworld.world import SPECS, build_toy_world, missing_pieces
+    world = build_toy_world("smoke", progress=False)
+    assert missing_pieces(SPECS["smoke"]) == []
+    times = world.build_times()
+    assert list(times.index[:3]) == ["toy VAE", "judge", "source LDM"] and (times.seconds.iloc[:3] > 0).all()

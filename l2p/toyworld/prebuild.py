@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..cache import available_cores, is_cached, run_threads
 from .recipe import FINETUNE_MODES, FinetuneConfig, run_key
-from .world import SPECS, WorldSpec
+from .world import SPECS, WorldSpec, missing_pieces
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,19 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
     """
     from ..cache import build_meta
     threads = threads or run_threads()
-    rows = []
+    rows, missing = [], {}
     for r in _planned(mode, notebooks):
-        c = r.config
+        c, wkey = r.config, repr(r.world.key())
+        if wkey not in missing:
+            missing[wkey] = ", ".join(missing_pieces(r.world))
         meta = build_meta("toy_finetune", run_key(r.world, c), c.seed) or {}
         sec = meta.get("build_seconds")
         rows.append({"notebook": r.label[:2], "run": r.label, "budget": f"{c.steps} × {c.batch_size} at {c.image_size}²",
                      "cached": r.cached(), "minutes": None if sec is None else sec / 60,
-                     "threads": meta.get("threads"), "estimated": False, "basis": None})
+                     "threads": meta.get("threads"), "estimated": False, "basis": None, "world": wkey,
+                     "world_missing": missing[wkey]})
     df = pd.DataFrame(rows, columns=["notebook", "run", "budget", "cached", "minutes", "threads", "estimated",
-                                     "basis"])
+                                     "basis", "world", "world_missing"])
     if len(df):
         df["minutes"] = df["minutes"].astype(float)
         done = df[df.cached & df.minutes.notna()]
@@ -200,6 +203,12 @@ def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> 
         tail += f"; {other} estimated from runs on another thread count" if other else ""
         lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
                      f"{est / max(1, jobs):.0f} min on {jobs} worker(s){tail}")
+    # a world is named by its first run's label without the seed: "07 · fine grid"
+    worlds = df.groupby("world", sort=False).agg(missing=("world_missing", "first"), first=("run", "first"))
+    unbuilt = worlds[worlds.missing != ""]
+    if len(unbuilt):
+        lines.append(f"worlds: {len(worlds) - len(unbuilt)} of {len(worlds)} built; to train first, not counted above: "
+                     + "; ".join(f"the world of {w.first.split(', seed')[0]} ({w.missing})" for w in unbuilt.itertuples()))
     lines.append(f"(estimates: the median build time of cached runs of the same budget trained on {threads} "
                  "thread(s), as the workers train; worlds, corpora and the notebooks themselves not counted)")
     return "\n".join(lines)

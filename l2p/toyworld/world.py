@@ -128,18 +128,15 @@ class ToyWorld:
     def build_times(self, corpus_size: Optional[int] = None) -> pd.DataFrame:
         """Seconds each cached piece took to build here (its first run), in build order; NaN where unknown."""
         from ..cache import build_seconds, key_for
-        from .evaluator import evaluator_train_config
-        spec = self.spec
-        vae_cfg, ev_cfg = spec.vae, evaluator_train_config(spec.mode)
-        n = corpus_size or spec.corpus_size
-        judge_s = build_seconds("toy_evaluator", ev_cfg.to_dict(), ev_cfg.seed)
-        if judge_s is None:  # judges cached before build times were kept: their history has the training time
-            hist = cache_dir() / key_for("toy_evaluator", ev_cfg.to_dict(), ev_cfg.seed) / "history.csv"
-            judge_s = float(pd.read_csv(hist)["time"].iloc[-1]) if hist.is_file() else None
-        rows = [("toy VAE", build_seconds("toy_vae", vae_cfg.to_dict(), vae_cfg.seed)),
-                ("judge", judge_s),
-                ("source LDM", build_seconds("toy_source_ldm", spec.ldm_key(), spec.ldm.seed)),
-                (f"corpus ({n} images)", build_seconds("toy_corpus", self._corpus_key(n, None), 0))]
+        n = corpus_size or self.spec.corpus_size
+        rows = []
+        for label, name, key, seed in world_pieces(self.spec):
+            sec = build_seconds(name, key, seed)
+            if sec is None and name == "toy_evaluator":  # judges cached before build times were kept
+                hist = cache_dir() / key_for(name, key, seed) / "history.csv"
+                sec = float(pd.read_csv(hist)["time"].iloc[-1]) if hist.is_file() else None
+            rows.append((label, sec))
+        rows.append((f"corpus ({n} images)", build_seconds("toy_corpus", self._corpus_key(n, None), 0)))
         df = pd.DataFrame([{"piece": k, "seconds": float("nan") if v is None else v} for k, v in rows])
         total = pd.DataFrame([{"piece": "total", "seconds": df.seconds.sum(min_count=len(df))}])
         return pd.concat([df, total], ignore_index=True).set_index("piece")
@@ -345,6 +342,21 @@ class ToyWorld:
             r = self.evaluate(pipe, prompts, seed=seed, cfg_scale=float(s), **kw)
             rows.append({"cfg_scale": float(s), "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]})
         return pd.DataFrame(rows).set_index("cfg_scale")
+
+
+def world_pieces(spec: WorldSpec) -> list[tuple[str, str, dict, int]]:
+    """(label, cache name, key, seed) of what `build_toy_world(spec)` trains, in build order."""
+    from .evaluator import evaluator_train_config
+    ev = evaluator_train_config(spec.mode)
+    return [("toy VAE", "toy_vae", spec.vae.to_dict(), spec.vae.seed),
+            ("judge", "toy_evaluator", ev.to_dict(), ev.seed),
+            ("source LDM", "toy_source_ldm", spec.ldm_key(), spec.ldm.seed)]
+
+
+def missing_pieces(spec: WorldSpec) -> list[str]:
+    """Labels of the pieces of this world that are not cached yet (empty: it loads without training)."""
+    from ..cache import is_cached
+    return [label for label, name, key, seed in world_pieces(spec) if not is_cached(name, key, seed)]
 
 
 def cached_ldm(spec: WorldSpec, ldm: LDMTrainConfig, vae, text, progress: bool = True):
