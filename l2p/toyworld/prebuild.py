@@ -7,14 +7,16 @@ then workers train the runs side by side, each on `cache.run_threads()` threads 
 so a run built here is exactly the run a notebook would have trained. N workers therefore want N·threads
 cores; more workers than the cores hold are cut to what fits, since oversubscribed OpenMP threads slow every
 job down. On the 2-core reference machine that is 2 workers × 1 thread, 0.63× the time of training the runs
-one after the other on 2 threads (bench/bench_oversubscription.py).
+one after the other on 2 threads (bench/bench_oversubscription.py). A run takes minutes, so the workers send a
+line per evaluation back to the main process's log, and each finished run updates the estimate of time left.
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
+from queue import Empty
 from typing import Optional
 
 import pandas as pd
@@ -72,13 +74,41 @@ def planned_runs(mode: str = "full") -> list[PlannedRun]:
     return ordered
 
 
+_heartbeat = None  # in a worker: the queue its progress lines go to, read by the main process
+
+
+def _init_worker(queue) -> None:
+    global _heartbeat
+    _heartbeat = queue
+
+
 def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     """Worker: train one run into the cache (or load it, if another process got there first)."""
     from .recipe import finetune
     from .world import build_toy_world
     t0 = time.perf_counter()
-    finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False)
+    log = None if _heartbeat is None else (lambda m: _heartbeat.put(f"    {run.label}: {m}"))
+    finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False, log=log)
     return run, time.perf_counter() - t0
+
+
+def _relay(queue, log, timeout: float = 0.0) -> None:
+    """Pass the workers' progress lines on to `log`."""
+    while True:
+        try:
+            log(queue.get(timeout=timeout) if timeout else queue.get_nowait())
+        except Empty:
+            return
+
+
+def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int) -> str:
+    """"~N min left": the plan's estimate for the runs not cached yet over `jobs` workers (runs in training count
+    whole, so it runs high by up to a run); "" where no run has an estimate."""
+    left = plan_table(mode, notebooks).query("not cached")
+    if not len(left) or left.minutes.isna().all():
+        return ""
+    unknown = int(left.minutes.isna().sum())
+    return f"~{left.minutes.sum() / jobs:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
 def _planned(mode: str, notebooks: Optional[list[str]]) -> list[PlannedRun]:
@@ -133,16 +163,27 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
     t0 = time.perf_counter()
     if todo:
         _prepare(todo, log)
+        left = _time_left(mode, notebooks, jobs) or "no estimate yet"
+        log(f"  {len(todo)} run(s) to train on {jobs} worker(s): {left} (from cached runs of the same budgets); "
+            "each logs its evaluations as it trains")
         # spawn, not fork: a forked child inherits the parent's OpenMP state and can hang in torch
-        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
+        ctx = get_context("spawn")
+        heartbeat = ctx.Queue()
+        pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(heartbeat,))
         try:
-            futures = [pool.submit(_build, r) for r in todo]
-            for i, fut in enumerate(as_completed(futures), 1):
-                run, sec = fut.result()  # a failed run stops the prebuild with its error
-                log(f"  [{i}/{len(todo)}] {run.label} ({sec / 60:.1f} min, {(time.perf_counter() - t0) / 60:.0f} "
-                    f"min in)")
+            pending, i = {pool.submit(_build, r) for r in todo}, 0
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                _relay(heartbeat, log)
+                for fut in finished:
+                    run, sec = fut.result()  # a failed run stops the prebuild with its error
+                    i += 1
+                    left = _time_left(mode, notebooks, jobs) if pending else ""
+                    log(f"  [{i}/{len(todo)}] {run.label} ({sec / 60:.1f} min, {(time.perf_counter() - t0) / 60:.0f} "
+                        f"min in{', ' + left if left else ''})")
         finally:  # on an error or Ctrl-C, start nothing new; finished runs stay cached
             pool.shutdown(wait=True, cancel_futures=True)
+            _relay(heartbeat, log, timeout=0.2)
     return {"planned": total, "built": len(todo), "minutes": (time.perf_counter() - t0) / 60}
 
 

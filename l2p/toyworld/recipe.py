@@ -7,9 +7,10 @@ what changed.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -210,10 +211,16 @@ def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig) -> di
                           seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
 
 
-def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True) -> FinetuneRun:
-    """Fine-tune the converted toy model (cached by config): L2P's step 3, plus the merge of step 4."""
+def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
+             log: Optional[Callable[[str], None]] = None) -> FinetuneRun:
+    """Fine-tune the converted toy model (cached by config): L2P's step 3, plus the merge of step 4.
+
+    `log`, if given, receives one line per evaluation while the run trains ("step 250/1500: toy-GenEval …"),
+    a heartbeat for runs whose progress bar is off (the prebuild's workers); a cached run logs nothing.
+    """
 
     def build():
+        t0 = time.perf_counter()
         model = initial_model(world, cfg)
         ds = _dataset(world, cfg)
         evals, samples = [], {}
@@ -225,6 +232,9 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
             row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
             evals.append(row)
             samples[step] = r["images"][:8].clone()
+            if log is not None:
+                log(f"step {step}/{cfg.steps}: toy-GenEval {r['geneval']:.3f} "
+                    f"({(time.perf_counter() - t0) / 60:.1f} min in)")
             return row
 
         eval_fn(model, 0)
