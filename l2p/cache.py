@@ -182,15 +182,23 @@ def cached(name: str, config: Any, seed: int, build_fn: Callable[[], Any],
     return load_fn(final)
 
 
+_warned: set = set()  # (cache folder, kind, built on, would build on): the thread warning is said once for each
+
+
 def _load(final: Path, load_fn: Callable[[Path], Any], threads: int) -> Any:
-    """Load an entry; warn if it was built on another thread count than this process would build it on."""
+    """Load an entry; warn if it was built on another thread count than this process would build it on.
+
+    Once per kind of artefact and pair of counts: a report loads dozens of runs, and one line says it.
+    """
     meta = final / "cache_meta.json"
     built = json.loads(meta.read_text()).get("threads") if meta.is_file() else None
-    if built is not None and built != threads:
+    said = (str(final.parent), final.name.rsplit("-", 1)[0], built, threads)
+    if built is not None and built != threads and said not in _warned:
         import warnings
+        _warned.add(said)
         warnings.warn(f"{final.name} was built on {built} thread(s); this process builds it on {threads} "
-                      "(L2P_BUILD_THREADS / L2P_RUN_THREADS), so a rebuild here would not give the same artefact",
-                      stacklevel=3)
+                      "(L2P_BUILD_THREADS / L2P_RUN_THREADS), so a rebuild here would not give the same artefact "
+                      f"(said once: other {said[1]} entries may be in the same case)", stacklevel=3)
     return load_fn(final)
 
 

@@ -2,6 +2,7 @@
 import json
 import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import pandas as pd
@@ -75,6 +76,10 @@ def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatc
     assert json.loads((tmp_path / cache.key_for("z", {}, 0) / "cache_meta.json").read_text())["threads"] == 1
     with pytest.warns(UserWarning, match="built on 1 thread"):
         cache.cached("z", {}, 0, build, save, load, root=tmp_path)  # asked for on build_threads (2)
+    cache.cached("z", {"other": 1}, 0, build, save, load, root=tmp_path, threads=1)
+    with warnings.catch_warnings():  # said once per kind and counts: a report loads dozens of runs
+        warnings.simplefilter("error")
+        cache.cached("z", {"other": 1}, 0, build, save, load, root=tmp_path)
     monkeypatch.delenv("L2P_RUN_THREADS", raising=False)
     assert cache.run_threads() == 1
     monkeypatch.setenv("L2P_RUN_THREADS", "0")
