@@ -126,13 +126,16 @@ def auto_jobs(mode: str = "full") -> int:
 def _prepare(runs: list[PlannedRun], log) -> None:
     """Build each run's world, corpus and init in this process, one at a time, before any worker starts."""
     from .recipe import prepare
-    from .world import build_toy_world
+    from .world import build_toy_world, missing_pieces
     worlds: dict = {}
     for r in runs:
         wkey = repr(r.world.key())
         if wkey not in worlds:
             t0 = time.perf_counter()
-            worlds[wkey] = build_toy_world(spec=r.world, progress=False)
+            missing = missing_pieces(r.world)
+            if missing:  # a world takes tens of minutes in full mode: say what is being trained, and show its progress
+                log(f"  world {r.world.mode}: training {', '.join(missing)} (one after another, before any run)")
+            worlds[wkey] = build_toy_world(spec=r.world, progress=bool(missing))
             log(f"  world {r.world.mode}: ready ({(time.perf_counter() - t0) / 60:.1f} min)")
         prepare(worlds[wkey], r.config)
 
