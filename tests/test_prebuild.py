@@ -233,5 +233,10 @@ def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, mon
     assert df1.minutes[1] == df.minutes[1] and df1.basis[1] == "other threads"
     assert "1 estimated from runs on another thread count" in prebuild.plan_summary(df1, jobs=2, threads=1)
     assert list(prebuild.plan_table("smoke", notebooks=["07_token_grid"]).notebook) == ["07"]
+    # one notebook's runs are estimated from every notebook's cached runs (a fresh 07 learns from 04's)
+    alone = prebuild.plan_table("smoke", notebooks=["04"], threads=2)
+    assert alone.run.tolist() == [runs[0].label, runs[1].label] and alone.minutes[1] == df.minutes[1]
+    runs[2] = prebuild.PlannedRun(spec, base.replace(seed=5), "07 · y, seed 5")
+    assert prebuild.plan_table("smoke", notebooks=["07"], threads=2).minutes[0] == df.minutes[0]
     # the smoke world is not built in this empty cache: the summary says so, naming its pieces
     assert "worlds: 0 of 1 built" in text and "the world of 04 · x: a (toy VAE, judge, source LDM)" in text

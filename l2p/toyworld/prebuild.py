@@ -196,7 +196,8 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
     many threads.
 
     For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch, image
-    size) trained on `threads` (default `run_threads()`, what the workers use), marked `estimated`. A 1-thread
+    size), from any notebook, trained on `threads` (default `run_threads()`, what the workers use), marked
+    `estimated`. A 1-thread
     run that shared the cores with another records its time as it ran (1500 × 32: 12–14 min in session 12,
     against 6–8 for runs alone on 2 threads in sessions 8–10), so mixing counts could be off by half. Where no
     run of the budget was trained on `threads`, the median over other counts stands in (`basis` "other
@@ -205,7 +206,7 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
     from ..cache import build_meta
     threads = threads or run_threads()
     rows, missing = [], {}
-    for r in _planned(mode, notebooks):
+    for r in _planned(mode, None):  # every notebook's cached runs inform the estimates; `notebooks` filters below
         c, wkey = r.config, repr(r.world.key())
         if wkey not in missing:
             missing[wkey] = ", ".join(missing_pieces(r.world))
@@ -231,6 +232,8 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
         df.loc[todo, "minutes"] = by_same.fillna(by_other)
         df.loc[todo, "estimated"] = True
         df.loc[todo, "basis"] = basis
+    if notebooks is not None:
+        df = df[df.run.map(lambda label: any(label.startswith(nb[:2] + " ") for nb in notebooks))].reset_index(drop=True)
     return df
 
 
