@@ -44,6 +44,11 @@ def record(key: str, value: Any, fmt: Optional[str] = None) -> Any:
     return value
 
 
+def share(part: float, whole: float) -> Any:
+    """part / whole for the index, or a sentence where `whole` is 0 (smoke budgets: a baseline gets no check right)."""
+    return float(part) / float(whole) if whole else "undefined: the reference is 0"
+
+
 def _fmt(entry: dict) -> str:
     v, fmt = entry["value"], entry.get("fmt")
     if fmt and isinstance(v, (int, float)):

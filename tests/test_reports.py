@@ -127,3 +127,15 @@ def test_notebook_parameters_from_the_command_line_are_literals_where_they_read_
     assert reports._param("note=a=b") == ("note", "a=b")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         reports._param("steps")
+
+
+def test_share_is_a_ratio_or_says_why_there_is_none():
+    """Smoke budgets leave baselines at 0 shape checks right: the index gets a sentence, not 0/0 and a warning."""
+    import warnings
+    import numpy as np
+    from l2p.reports import _fmt, share
+    assert share(np.float64(0.3), np.float64(0.6)) == pytest.approx(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's 0/0 RuntimeWarning would fail here
+        none = share(np.float64(0.0), np.float64(0.0))
+    assert none == "undefined: the reference is 0" and _fmt({"value": none, "fmt": ".2f"}) == none
