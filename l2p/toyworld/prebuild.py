@@ -232,7 +232,8 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
         df.loc[todo, "estimated"] = True
         df.loc[todo, "basis"] = basis
     if notebooks is not None:
-        df = df[df.run.map(lambda label: any(label.startswith(nb[:2] + " ") for nb in notebooks))].reset_index(drop=True)
+        ours = df.run.map(lambda label: any(label.startswith(nb[:2] + " ") for nb in notebooks))
+        df = df[ours].reset_index(drop=True)
     return df
 
 
