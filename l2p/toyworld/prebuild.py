@@ -111,10 +111,14 @@ def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int) -> str:
     return f"~{left.minutes.sum() / jobs:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
+def _of(label: str, notebooks: Optional[list[str]]) -> bool:
+    """Whether a run label ("07 · fine grid, seed 0") is of `notebooks` ("07", "07_token_grid", …; None: all)."""
+    return notebooks is None or any(label.startswith(nb[:2] + " ") for nb in notebooks)
+
+
 def _planned(mode: str, notebooks: Optional[list[str]]) -> list[PlannedRun]:
     """The plan, limited to the runs of `notebooks` ("03", "07_token_grid", …; None: all)."""
-    return [r for r in planned_runs(mode)
-            if notebooks is None or any(r.label.startswith(nb[:2] + " ") for nb in notebooks)]
+    return [r for r in planned_runs(mode) if _of(r.label, notebooks)]
 
 
 def auto_jobs(mode: str = "full") -> int:
@@ -231,10 +235,7 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
         df.loc[todo, "minutes"] = by_same.fillna(by_other)
         df.loc[todo, "estimated"] = True
         df.loc[todo, "basis"] = basis
-    if notebooks is not None:
-        ours = df.run.map(lambda label: any(label.startswith(nb[:2] + " ") for nb in notebooks))
-        df = df[ours].reset_index(drop=True)
-    return df
+    return df[df.run.map(lambda label: _of(label, notebooks)).astype(bool)].reset_index(drop=True)
 
 
 def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> str:
