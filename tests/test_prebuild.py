@@ -117,8 +117,8 @@ def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
     grid.grid_runs(worlds, mode)
     plan = {(repr(r.world.key()), repr(r.config.key())) for r in prebuild.planned_runs(mode)}
     assert asked == plan
-    if mode == "full":  # 03 and 04 share their baselines: 78 distinct runs, and 6 for 07
-        assert len(plan) == 84
+    if mode == "full":  # 03 and 04 share their baselines: 81 distinct runs, and 6 for 07
+        assert len(plan) == 87
 
 
 @pytest.mark.slow
@@ -238,5 +238,8 @@ def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, mon
     assert alone.run.tolist() == [runs[0].label, runs[1].label] and alone.minutes[1] == df.minutes[1]
     runs[2] = prebuild.PlannedRun(spec, base.replace(seed=5), "07 · y, seed 5")
     assert prebuild.plan_table("smoke", notebooks=["07"], threads=2).minutes[0] == df.minutes[0]
+    # a latent-loss run of the same steps costs about twice as much: no estimate from plain runs
+    runs[2] = prebuild.PlannedRun(spec, base.replace(seed=5, latent_loss=1.0), "04 · z, seed 5")
+    assert prebuild.plan_table("smoke", threads=2).minutes.isna()[2]
     # the smoke world is not built in this empty cache: the summary says so, naming its pieces
     assert "worlds: 0 of 1 built" in text and "the world of 04 · x: a (toy VAE, judge, source LDM)" in text

@@ -200,8 +200,8 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
     many threads.
 
     For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch, image
-    size), from any notebook, trained on `threads` (default `run_threads()`, what the workers use), marked
-    `estimated`. A 1-thread run that shared the cores with another records its time as it ran (1500 × 32:
+    size, and whether a latent loss adds encoder passes), from any notebook, trained on `threads` (default
+    `run_threads()`, what the workers use), marked `estimated`. A 1-thread run that shared the cores with another records its time as it ran (1500 × 32:
     12–14 min in session 12, against 6–8 for runs alone on 2 threads in sessions 8–10), so mixing counts could
     be off by half. Where no run of the budget was trained on `threads`, the median over other counts stands in
     (`basis` "other threads"); NaN where none is cached. What `l2p.reports --plan` prints.
@@ -215,7 +215,9 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
             missing[wkey] = ", ".join(missing_pieces(r.world))
         meta = build_meta("toy_finetune", run_key(r.world, c), c.seed) or {}
         sec = meta.get("build_seconds")
-        rows.append({"notebook": r.label[:2], "run": r.label, "budget": f"{c.steps} × {c.batch_size} at {c.image_size}²",
+        # a latent loss runs the VAE encoder twice a step (~1.9× the time), so it is a budget of its own
+        budget = f"{c.steps} × {c.batch_size} at {c.image_size}²" + (" + latent loss" if c.latent_loss else "")
+        rows.append({"notebook": r.label[:2], "run": r.label, "budget": budget,
                      "cached": r.cached(), "minutes": None if sec is None else sec / 60,
                      "threads": meta.get("threads"), "estimated": False, "basis": None, "world": wkey,
                      "world_missing": missing[wkey]})
