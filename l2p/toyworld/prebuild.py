@@ -201,10 +201,11 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
 
     For a run not cached yet, `minutes` is the median of the cached runs of the same budget (steps, batch, image
     size, and whether a latent loss adds encoder passes), from any notebook, trained on `threads` (default
-    `run_threads()`, what the workers use), marked `estimated`. A 1-thread run that shared the cores with another records its time as it ran (1500 × 32:
-    12–14 min in session 12, against 6–8 for runs alone on 2 threads in sessions 8–10), so mixing counts could
-    be off by half. Where no run of the budget was trained on `threads`, the median over other counts stands in
-    (`basis` "other threads"); NaN where none is cached. What `l2p.reports --plan` prints.
+    `run_threads()`, what the workers use), marked `estimated`. A 1-thread run that shared the cores with
+    another records its time as it ran (1500 × 32: 12–14 min in session 12, against 6–8 for runs alone on 2
+    threads in sessions 8–10), so mixing counts could be off by half. Where no run of the budget was trained on
+    `threads`, the median over other counts stands in (`basis` "other threads"); NaN where none is cached. What
+    `l2p.reports --plan` prints.
     """
     from ..cache import build_meta
     threads = threads or run_threads()
