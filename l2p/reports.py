@@ -155,12 +155,42 @@ def world_cell(row: dict) -> str:
     return world_builds(row) or ("none used" if recorded else "not recorded")
 
 
+def _cpu_times() -> Optional[tuple[float, float]]:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat; None where there is none."""
+    try:
+        return _parse_cpu_line(Path("/proc/stat").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _parse_cpu_line(line: str) -> tuple[float, float]:
+    """(busy, total) from /proc/stat's `cpu` line: user nice system idle iowait irq softirq steal [guest …]."""
+    fields = [float(v) for v in line.split()[1:9]]  # guest time is already inside user time
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(interval: float = 0.5) -> Optional[float]:
+    """How many cores other processes keep busy right now (/proc/stat over `interval` s; this one sleeps)."""
+    from .cache import available_cores
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(interval)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or available_cores())
+
+
 def busy_cores_note(threads: int) -> Optional[str]:
-    """A warning when other processes already keep the cores busy (1-min load average), else None.
+    """A warning when other processes keep the cores busy, else None.
 
     Torch's OpenMP threads stall when the cores are oversubscribed (bench/bench_oversubscription.py measured
     5.8–23× slowdowns for two 2-thread toy jobs on 2 cores), so a report run beside other work can take many
-    times its usual time. Results are unchanged: only the wall time suffers.
+    times its usual time. Results are unchanged: only the wall time suffers. Busy means both the 1-min load
+    average and a half-second sample say so: the average alone still counts work that just ended (`make
+    reports` right after its own install), the sample alone can catch a passing blip.
     """
     from .cache import available_cores
     try:
@@ -170,8 +200,12 @@ def busy_cores_note(threads: int) -> Optional[str]:
     cores = available_cores()
     if load + threads <= cores + 0.5:
         return None
-    return (f"note: load average {load:.1f} on {cores} core(s): other processes are running, and this run's "
-            f"{threads} torch thread(s) on top oversubscribe the cores; it may take several times longer")
+    now = busy_cores()
+    if now is not None and now + threads <= cores + 0.5:
+        return None
+    busy = load if now is None else min(load, now)
+    return (f"note: other processes keep {busy:.1f} of {cores} core(s) busy (load average {load:.1f}), and this "
+            f"run's {threads} torch thread(s) on top oversubscribe them; it may take several times longer")
 
 
 def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[str]] = None,

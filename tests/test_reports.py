@@ -105,16 +105,32 @@ def test_export_leaves_no_images_from_older_runs(tmp_path):
     assert (tmp_path / "07_demo.html").exists()
 
 
-@pytest.mark.parametrize("load,cores,threads,warned", [(0.1, 2, 2, False), (1.0, 2, 2, True), (1.2, 2, 1, False),
-                                                       (2.0, 2, 1, True), (6.0, 16, 2, False)])
-def test_a_report_run_warns_when_other_processes_keep_the_cores_busy(monkeypatch, load, cores, threads, warned):
+@pytest.mark.parametrize("load,now,cores,threads,warned", [
+    (0.1, 2.0, 2, 2, False), (1.0, 1.0, 2, 2, True), (1.2, 1.2, 2, 1, False), (2.0, 2.0, 2, 1, True),
+    (6.0, 6.0, 16, 2, False),
+    (1.9, 0.1, 2, 2, False),  # work that just ended (the install before `make reports`): the average still counts it
+    (1.9, None, 2, 2, True),  # no /proc/stat: the load average alone decides
+])
+def test_a_report_run_warns_when_other_processes_keep_the_cores_busy(monkeypatch, load, now, cores, threads, warned):
     from l2p import cache, reports
     monkeypatch.setattr(reports.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(reports, "busy_cores", lambda interval=0.5: now)
     monkeypatch.setattr(cache, "available_cores", lambda: cores)
     note = reports.busy_cores_note(threads)
     assert (note is not None) == warned
     if warned:
-        assert f"load average {load:.1f} on {cores} core(s)" in note
+        assert f"keep {min(load, now if now is not None else load):.1f} of {cores} core(s) busy" in note
+        assert f"load average {load:.1f}" in note
+
+
+def test_busy_cores_counts_the_non_idle_share_of_cpu_time(monkeypatch):
+    from l2p import reports
+    # /proc/stat's cpu line: user nice system idle iowait irq softirq steal
+    lines = iter(["cpu  100 0 0 900 0 0 0 0 0 0", "cpu  250 0 50 1000 0 0 0 0 0 0"])
+    monkeypatch.setattr(reports, "_cpu_times", lambda: reports._parse_cpu_line(next(lines)))
+    monkeypatch.setattr(reports.os, "cpu_count", lambda: 2)
+    assert reports.busy_cores(interval=0) == pytest.approx(200 / 300 * 2)
+    assert reports._parse_cpu_line("cpu  1 2 3 4 5 6 7 8 9 10") == (1 + 2 + 3 + 6 + 7 + 8, 36)
 
 
 def test_notebook_parameters_from_the_command_line_are_literals_where_they_read_as_one():
