@@ -1,6 +1,7 @@
 """The ablation verdicts are computed from the runs: check them on hand-made curves."""
 import numpy as np
 import pandas as pd
+import pytest
 
 from l2p.toyworld.ablations import final_table, get_experiment, steps_to_reach, variant_config, verdict
 
@@ -232,3 +233,25 @@ def test_a_vae_fit_gain_needs_the_vae_fit_init():
     from l2p.toyworld.recipe import pixel_init
     with pytest.raises(ValueError, match="init='vae_fit' only"):
         pixel_init(SimpleNamespace(), "release", vae_fit_gain=1.0)
+
+
+def test_guidance_table_scores_each_final_model_and_the_source_at_each_scale():
+    """Rows variant × cfg over the seeds; at the world's cfg a variant's score is its run's final score."""
+    from l2p.toyworld.ablations import best_guidance, guidance_table, run_experiment
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    scales = (1.5, world.cfg_scale)
+    table = guidance_table(world, "combined", scales, seeds=(0, 1))
+    variants = ["source LDM", "release", "σ-head + capped vae_fit + latent loss λ=0.5"]
+    assert list(table.index) == [(v, float(s)) for v in variants for s in scales]
+    assert (table.seeds == 2).all() and table["geneval std"].notna().all()
+    curves = run_experiment(world, "combined", seeds=(0, 1))
+    final = curves[curves.step == curves.step.max()].groupby("variant").geneval.mean()
+    for v in variants[1:]:
+        assert table.loc[(v, world.cfg_scale), "geneval mean"] == pytest.approx(final[v])
+    best = best_guidance(table)
+    assert list(best.index) == variants and set(best["best cfg"]) <= set(scales)
+    for v in variants:
+        assert best.loc[v, "geneval mean"] == table.xs(v, level="variant")["geneval mean"].max()
+    with pytest.raises(ValueError, match="128²"):
+        guidance_table(world, "noise_shift_highres", scales, seeds=(0,))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .recipe import FinetuneConfig, evaluate_pixel, finetune
+from .recipe import EVAL_SEED, FinetuneConfig, evaluate_pixel, finetune
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,44 @@ def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, see
                          "overall": r["geneval"]})
     df = pd.DataFrame(rows)
     return df.drop(columns="seed").groupby("variant", sort=False).mean()
+
+
+def guidance_table(world, exp: Experiment | str, scales, mode: Optional[str] = None, seeds=None) -> pd.DataFrame:
+    """toy-GenEval and toy-FID of every variant's final models at each cfg scale, mean ± std over seeds, with the
+    source LDM on the same prompts and seeds as one more "variant" (rows: variant × cfg scale).
+
+    The runs are scored at the world's cfg; the release samples L2P at 2.0 and a pixel model trained without
+    caption dropout may prefer less. Comparing each model at its own best scale keeps a ratio from resting on
+    one shared choice.
+    """
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    mode = mode or world.mode
+    rows = []
+    for seed in seeds or SEEDS[mode]:
+        runs = variant_runs(world, exp, mode, seed)
+        cfg = next(iter(runs.values())).config
+        if cfg.image_size != world.image_size:
+            raise ValueError(f"{exp.name} trains at {cfg.image_size}²; the source LDM samples at {world.image_size}²")
+        prompts = world.prompts(cfg.eval_prompts, seed=EVAL_SEED)
+        for s in map(float, scales):
+            r = world.evaluate(world.latent_pipeline(), prompts, seed=seed, cfg_scale=s)
+            rows.append({"variant": "source LDM", "cfg": s, "seed": seed, "geneval": r["geneval"], "fid": r["fid"]})
+            for label, run in runs.items():
+                r = evaluate_pixel(world, run.model, run.config, cfg_scale=s)
+                rows.append({"variant": label, "cfg": s, "seed": seed, "geneval": r["geneval"], "fid": r["fid"]})
+    df = pd.DataFrame(rows)
+    order = list(dict.fromkeys(df.variant))
+    out = df.groupby(["variant", "cfg"], sort=False)[["geneval", "fid"]].agg(["mean", "std"])
+    out.columns = [f"{a} {b}" for a, b in out.columns]
+    out["seeds"] = df.groupby(["variant", "cfg"], sort=False).seed.nunique()
+    return out.reindex(order, level=0)
+
+
+def best_guidance(table: pd.DataFrame) -> pd.DataFrame:
+    """Each variant's best cfg scale (by mean toy-GenEval) and its score there, from `guidance_table`."""
+    best = table["geneval mean"].groupby(level="variant", sort=False).idxmax()
+    return pd.DataFrame([{"variant": v, "best cfg": idx[1], "geneval mean": table.loc[idx, "geneval mean"],
+                          "geneval std": table.loc[idx, "geneval std"]} for v, idx in best.items()]).set_index("variant")
 
 
 def final_samples(runs: dict, title: str = "final samples, seed 0 (one row per variant)") -> Figure:
