@@ -172,7 +172,6 @@ def _parse_cpu_line(line: str) -> tuple[float, float]:
 
 def busy_cores(interval: float = 0.5) -> Optional[float]:
     """How many cores other processes keep busy right now (/proc/stat over `interval` s; this one sleeps)."""
-    from .cache import available_cores
     a = _cpu_times()
     if a is None:
         return None
@@ -180,7 +179,7 @@ def busy_cores(interval: float = 0.5) -> Optional[float]:
     b = _cpu_times()
     if b is None or b[1] <= a[1]:
         return None
-    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or available_cores())
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)  # /proc/stat counts every CPU of the machine
 
 
 def busy_cores_note(threads: int) -> Optional[str]:

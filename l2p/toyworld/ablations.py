@@ -205,12 +205,13 @@ def guidance_table(world, exp: Experiment | str, scales, mode: Optional[str] = N
         if cfg.image_size != world.image_size:
             raise ValueError(f"{exp.name} trains at {cfg.image_size}²; the source LDM samples at {world.image_size}²")
         prompts = world.prompts(cfg.eval_prompts, seed=EVAL_SEED)
-        for s in map(float, scales):
-            r = world.evaluate(world.latent_pipeline(), prompts, seed=seed, cfg_scale=s)
-            rows.append({"variant": "source LDM", "cfg": s, "seed": seed, "geneval": r["geneval"], "fid": r["fid"]})
-            for label, run in runs.items():
-                r = evaluate_pixel(world, run.model, run.config, cfg_scale=s)
-                rows.append({"variant": label, "cfg": s, "seed": seed, "geneval": r["geneval"], "fid": r["fid"]})
+        sweeps = {"source LDM": world.guidance_sweep(world.latent_pipeline(), scales, prompts, seed=seed)}
+        for label, run in runs.items():  # sampled as the run was evaluated (`evaluate_pixel`), at each scale
+            sweeps[label] = world.guidance_sweep(world.pixel_pipeline(run.model.eval()), scales, prompts, seed=seed,
+                                                 image_size=run.config.image_size, shift=run.config.shift)
+        for label, sweep in sweeps.items():
+            rows += [{"variant": label, "cfg": s, "seed": seed, "geneval": r.geneval, "fid": r.fid}
+                     for s, r in sweep.iterrows()]
     df = pd.DataFrame(rows)
     order = list(dict.fromkeys(df.variant))
     out = df.groupby(["variant", "cfg"], sort=False)[["geneval", "fid"]].agg(["mean", "std"])

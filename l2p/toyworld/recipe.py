@@ -201,15 +201,14 @@ def _dataset(world: ToyWorld, cfg: FinetuneConfig):
     return ds
 
 
-def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig, cfg_scale: Optional[float] = None) -> dict:
-    """`ToyWorld.evaluate` of a pixel model as a run with `cfg` is evaluated: its prompts, seed, size and shift
-    (and the world's cfg scale unless `cfg_scale` is given).
+def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig) -> dict:
+    """`ToyWorld.evaluate` of a pixel model as a run with `cfg` is evaluated: its prompts, seed, size and shift.
 
     On a finished run's model it re-samples the run's last evaluation exactly, so its "geneval" is the
     run's final score and its "scores" hold every judge check behind it.
     """
     return world.evaluate(world.pixel_pipeline(model.eval()), world.prompts(cfg.eval_prompts, seed=EVAL_SEED),
-                          seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift, cfg_scale=cfg_scale)
+                          seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
 
 
 def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
