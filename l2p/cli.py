@@ -26,6 +26,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=2.0, help="L2P cfg_scale (diffusers guidance_scale = cfg − 1)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for σ in [LO, HI] (Z-Image's cfg_truncation τ is 1−τ 1)")
+    p.add_argument("--cfg-norm-cap", type=float, metavar="K",
+                   help="cap each guided velocity at K × the conditional one's norm (Z-Image's cfg_normalization)")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -74,6 +78,10 @@ def run_generate(a) -> int:
             model_configs=[ModelConfig(path=a.model), ModelConfig(path=a.text_encoder)],
             tokenizer_config=ModelConfig(path=a.tokenizer or a.text_encoder[0]))
     extra = {"patch_size": a.patch_size} if a.patch_size else {}
+    if a.cfg_interval:
+        extra["cfg_interval"] = tuple(a.cfg_interval)
+    if a.cfg_norm_cap is not None:
+        extra["cfg_norm_cap"] = a.cfg_norm_cap
     img = pipe(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, rand_device=a.rand_device,
                num_inference_steps=a.steps, cfg_scale=a.cfg, height=a.height, width=a.width, shift=a.shift,
                progress=True, **extra)

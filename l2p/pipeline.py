@@ -19,7 +19,7 @@ from PIL import Image
 
 from .flow import velocity_from_output
 from .model import ZImageDiT
-from .sampler import StepInfo, euler_sample, guide
+from .sampler import StepInfo, euler_sample, guide, guided_at
 from .schedule import dit_time, sampling_sigmas
 
 
@@ -74,18 +74,23 @@ class FlowPipeline:
             out.append(torch.randn((1, *self.noise_shape(height, width)), generator=g, device=rand_device))
         return torch.cat(out).to(self.device)
 
-    def velocity_fn(self, caps, neg_caps, cfg_scale: float, patch_size=None):
-        """v(x, σ): positive and negative passes share one batch (masks make that exact)."""
+    def velocity_fn(self, caps, neg_caps, cfg_scale: float, patch_size=None,
+                    cfg_interval: Optional[tuple[float, float]] = None, cfg_norm_cap: Optional[float] = None):
+        """v(x, σ): positive and negative passes share one batch (masks make that exact).
+
+        Outside `cfg_interval` the negative pass is skipped (see `l2p.sampler` for both options).
+        """
         use_cfg = cfg_scale != 1.0
+        guided_at(1.0, cfg_interval)  # check the interval once, before sampling
 
         @torch.no_grad()
         def fn(x, sigma):
             t = dit_time(sigma).to(self.device)
-            if use_cfg:
+            if use_cfg and guided_at(float(sigma.flatten()[0]), cfg_interval):
                 out = self.dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), list(caps) + list(neg_caps),
                                patch_size=patch_size)
                 v_pos, v_neg = velocity_from_output(out.float()).chunk(2)
-                return guide(v_pos, v_neg, cfg_scale)
+                return guide(v_pos, v_neg, cfg_scale, cfg_norm_cap)
             return velocity_from_output(self.dit(x.to(self.dtype), t, caps, patch_size=patch_size).float())
         return fn
 

@@ -3,6 +3,12 @@
 Guidance follows the L2P/DiffSynth release: v = v_neg + c·(v_pos − v_neg), skipped at c = 1.
 diffusers' Z-Image pipeline writes v = v_pos + g·(v_pos − v_neg), so `cfg_scale = c` is
 `guidance_scale = c − 1` there (the recommended c = 2.0 is g = 1.0).
+
+Two options that the release does not use, both off by default:
+- a guidance interval (Kynkäänniemi et al. 2024): guide only for σ in [lo, hi]. Z-Image's
+  `cfg_truncation = τ` (no guidance once the progress 1 − σ passes τ) is the interval [1 − τ, 1];
+- a norm cap, Z-Image's `cfg_normalization = k`: each sample's guided velocity is scaled down to at most
+  k × the norm of its conditional velocity.
 """
 from __future__ import annotations
 
@@ -29,11 +35,28 @@ class StepInfo:
     x_next: torch.Tensor  # the sample after the Euler step
 
 
-def guide(v_pos: torch.Tensor, v_neg: Optional[torch.Tensor], cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance in the release's convention."""
+def guide(v_pos: torch.Tensor, v_neg: Optional[torch.Tensor], cfg_scale: float,
+          norm_cap: Optional[float] = None) -> torch.Tensor:
+    """Classifier-free guidance in the release's convention, optionally norm-capped per sample."""
     if v_neg is None or cfg_scale == 1.0:
         return v_pos
-    return v_neg + cfg_scale * (v_pos - v_neg)
+    v = v_neg + cfg_scale * (v_pos - v_neg)
+    if norm_cap is not None:
+        dims = tuple(range(1, v.ndim))
+        limit = norm_cap * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        v = v * torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return v
+
+
+def guided_at(sigma: float, interval: Optional[tuple[float, float]]) -> bool:
+    """Whether guidance applies at σ: always without an interval, else lo ≤ σ ≤ hi."""
+    if interval is None:
+        return True
+    lo, hi = interval
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"cfg_interval {interval!r}: want 0 <= lo <= hi")
+    return lo <= sigma <= hi
 
 
 def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -226,6 +226,27 @@ def test_a_latent_loss_run_trains_through_the_frozen_toy_vae_encoder():
     assert all(torch.equal(v, world.vae.state_dict()[k]) for k, v in vae_before.items())
 
 
+def test_a_continuation_starts_from_the_finished_runs_weights():
+    """start_from: step 0 is the parent's final model (same score), training moves on, keys nest the parent."""
+    import pytest
+    import torch
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune, initial_model
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    parent = FINETUNE_MODES["smoke"]
+    cfg = parent.replace(lr_decay="cosine", start_from=parent)
+    assert cfg.key()["start_from"] == parent.key() and "start_from" not in parent.key()
+    first = finetune(world, parent, progress=False)
+    init = initial_model(world, cfg)
+    assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in init.state_dict().items())
+    run = finetune(world, cfg, progress=False)
+    assert run.path != first.path
+    assert run.evals.iloc[0]["geneval"] == first.evals.iloc[-1]["geneval"]
+    assert any(not torch.equal(v, first.model.state_dict()[k]) for k, v in run.model.state_dict().items())
+    with pytest.raises(ValueError, match="head_time"):
+        initial_model(world, parent.replace(head_time=True, start_from=parent))
+
+
 def test_a_vae_fit_gain_needs_the_vae_fit_init():
     from types import SimpleNamespace
 

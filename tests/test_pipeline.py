@@ -64,6 +64,29 @@ def test_guidance_encodes_negative_prompt_only_when_needed():
     assert pipe.text_encoder.calls == [["a cat"], ["blurry"]]
 
 
+def test_guidance_interval_guides_only_inside_and_skips_the_negative_pass():
+    """cfg_interval: guided steps equal plain guidance, unguided ones the conditional velocity (one pass)."""
+    pipe = pixel_pipe()
+    kw = dict(seed=3, num_inference_steps=4, height=32, width=32, shift=1.0)  # σ = 1, 0.75, 0.5, 0.25
+    runs = {}
+    for name, extra in {"cfg": dict(cfg_scale=3.0), "cond": dict(cfg_scale=1.0),
+                        "mid": dict(cfg_scale=3.0, cfg_interval=(0.4, 0.8)),
+                        "all": dict(cfg_scale=3.0, cfg_interval=(0.0, 1.0))}.items():
+        batches, seen = [], []
+        hook = pipe.dit.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+        pipe.sample("a red circle", callback=seen.append, **kw, **extra)
+        hook.remove()
+        runs[name] = (batches, seen)
+    assert runs["cfg"][0] == [2, 2, 2, 2] and runs["cond"][0] == [1, 1, 1, 1]
+    assert runs["mid"][0] == [1, 2, 2, 1]  # guided at σ = 0.75 and 0.5 only
+    assert all(torch.equal(a.x_next, b.x_next) for a, b in zip(runs["all"][1], runs["cfg"][1]))
+    # the first step starts from the same noise: unguided there, it is the conditional step
+    assert torch.equal(runs["mid"][1][0].velocity, runs["cond"][1][0].velocity)
+    assert not torch.allclose(runs["mid"][1][1].velocity, runs["cond"][1][1].velocity)
+    with pytest.raises(ValueError, match="cfg_interval"):
+        pipe.sample("a red circle", cfg_scale=3.0, cfg_interval=(0.8, 0.4), **kw)
+
+
 def test_empty_prompt_and_callback_sees_every_step():
     pipe = pixel_pipe()
     seen = []
@@ -89,3 +112,22 @@ def test_latent_pipeline_with_vae():
     x = torch.rand(1, 3, 64, 32) * 2 - 1
     z = pipe.encode_pixels(x)
     assert z.shape == (1, 16, 8, 4) and pipe.to_pixels(z).shape == x.shape
+
+
+def test_cli_generate_passes_the_guidance_options(tmp_path, monkeypatch):
+    """`l2p generate --cfg-interval LO HI --cfg-norm-cap K` reaches the sampler; a PNG is written whole."""
+    from l2p import cli
+    seen = {}
+    real = L2PPipeline.velocity_fn
+
+    def spy(self, *a, **kw):
+        seen.update(kw)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(L2PPipeline, "velocity_fn", spy)
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "--random-init", "tiny_pixel", "--prompt", "a red circle", "--steps", "2",
+                     "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32", "--cfg", "3",
+                     "--cfg-interval", "0.5", "1", "--cfg-norm-cap", "1.5", "-o", str(out)]) == 0
+    assert seen == {"cfg_interval": (0.5, 1.0), "cfg_norm_cap": 1.5}
+    assert Image.open(out).size == (32, 32) and not list(tmp_path.glob("*.tmp"))

@@ -49,6 +49,16 @@ def test_guidance_convention_maps_to_diffusers():
     assert torch.equal(guide(vp, vn, 1.0), vp)
 
 
+def test_guidance_norm_cap_scales_only_samples_past_the_cap():
+    """Z-Image's cfg_normalization: ‖v‖ ≤ k·‖v_pos‖ per sample, direction kept; samples under it unchanged."""
+    vp = torch.ones(2, 3, 4, 4)
+    vn = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4) * 0.9])  # guided norms 3× and 1.2× ‖v_pos‖
+    plain, capped = guide(vp, vn, 3.0), guide(vp, vn, 3.0, norm_cap=1.5)
+    norms = torch.linalg.vector_norm(capped.flatten(1), dim=1) / torch.linalg.vector_norm(vp.flatten(1), dim=1)
+    assert torch.allclose(norms, torch.tensor([1.5, 1.2]))
+    assert torch.allclose(capped[0], plain[0] / 2) and torch.equal(capped[1], plain[1])
+
+
 def test_euler_solves_linear_flow_exactly_and_reports_steps():
     """For data that is a single point, v = ε − x0 is exact and Euler lands on x0 in any number of steps."""
     x0 = torch.randn(2, 3, 4, 4)

@@ -51,18 +51,27 @@ class FinetuneConfig:
     head_upsample: str = "nearest"  # "learned": transposed-conv upsampling in the head, DetailerConfig.upsample
     latent_loss: float = 0.0  # > 0: also match the toy VAE encoder's latents of x̂0 and x0 (TrainConfig option)
     vae_fit_gain: Optional[float] = None  # init="vae_fit": cap on the fit's noise gain (convert's vae_fit_noise_gain)
+    # A finished run to continue: its merged model is this run's init (fresh optimizer; built if not cached).
+    # With lr_decay="cosine" that is a cooldown of a constant-rate run, as in warmup-stable-decay schedules.
+    start_from: Optional["FinetuneConfig"] = None
 
     def replace(self, **kw) -> "FinetuneConfig":
         return replace(self, **kw)
 
     def key(self) -> dict:
         """The cache key: fields added later are left out at their defaults, so older runs stay valid."""
-        return without_late_defaults(self, _LATE_FIELDS)
+        key = without_late_defaults(self, _LATE_FIELDS)
+        if self.start_from is not None:
+            key["start_from"] = self.start_from.key()
+        return key
 
 
 _LATE_FIELDS = {"prediction": "velocity", "head_channels": None, "ema_decay": None, "seeded_noise": True,
                 "caption_dropout": 0.0, "lr_decay": "constant", "head_time": False,
-                "head_upsample": "nearest", "latent_loss": 0.0, "vae_fit_gain": None}
+                "head_upsample": "nearest", "latent_loss": 0.0, "vae_fit_gain": None, "start_from": None}
+# What a continuation must share with the run it starts from: they fix the model it loads.
+_CONTINUATION_FIELDS = ("init", "vae_fit_gain", "patch", "image_size", "prediction", "head_channels", "head_time",
+                        "head_upsample")
 
 
 EVAL_SEED = 4242  # the prompt set every fine-tuning run is evaluated on (and the source, to compare)
@@ -143,7 +152,14 @@ def _init_path(world: ToyWorld, cfg: FinetuneConfig) -> Path:
 
 
 def initial_model(world: ToyWorld, cfg: FinetuneConfig) -> ZImageDiT:
-    """The converted init, or the same architecture from scratch for the no-transfer baseline."""
+    """The converted init, the same architecture from scratch (no transfer), or a finished run to continue."""
+    if cfg.start_from is not None:
+        parent = cfg.start_from
+        for f in _CONTINUATION_FIELDS:
+            if getattr(parent, f) != getattr(cfg, f):
+                raise ValueError(f"start_from has {f}={getattr(parent, f)!r} and this run {f}={getattr(cfg, f)!r}: "
+                                 "a continuation keeps the model of the run it starts from")
+        return finetune(world, parent, progress=False).model
     det = _detailer(world, cfg)
     model = ZImageDiT.from_pretrained(_init_path(world, cfg))
     model.cfg = model.cfg.replace(detailer=det)  # what the head predicts does not change its weights
