@@ -88,6 +88,24 @@ def test_data_quantity_verdict_needs_gains_beyond_the_spread():
     assert verdict(exp, linear, 0.5)[1].startswith("disagrees: the larger corpus still helps")
 
 
+def test_combined_long_verdict_compares_with_the_source_itself():
+    exp = get_experiment("combined_long")
+    (v,) = exp.variants
+    found, agrees = verdict(exp, curves({v: [0.40, 0.44, 0.42]}), 0.6)
+    assert "0.70× the source's 0.600" in found and agrees.startswith("disagrees at this cfg: 0.70×")
+    assert verdict(exp, curves({v: [0.55, 0.56, 0.57]}), 0.6)[1] == "agrees: ≥ 0.9× the source"
+    assert verdict(exp, curves({v: [0.55, 0.56, 0.57]}), 0.0)[1].startswith("inconclusive")
+    full = variant_config(exp, exp.variants[v], "full", 1)
+    assert (full.steps, full.batch_size, full.eval_every, full.eval_prompts) == (6000, 32, 500, 100)
+    # the same runs as the session-15/16 probes (cached under this key), and in smoke `combined`'s own runs
+    from l2p.toyworld.recipe import FinetuneConfig
+    assert full == FinetuneConfig(steps=6000, eval_every=500, head_time=True, init="vae_fit", vae_fit_gain=1.0,
+                                  latent_loss=0.5, seed=1)
+    combined = get_experiment("combined")
+    assert variant_config(exp, exp.variants[v], "smoke", 0) == \
+        variant_config(combined, combined.variants[v], "smoke", 0)
+
+
 def test_a_verdict_at_the_untrained_floor_is_inconclusive():
     """Session 12: three Detailer Heads ended at 0.067 on every seed, their step-0 score; no ranking of those."""
     exp = get_experiment("detailer_head")
@@ -276,3 +294,10 @@ def test_guidance_table_scores_each_final_model_and_the_source_at_each_scale():
         assert best.loc[v, "geneval mean"] == table.xs(v, level="variant")["geneval mean"].max()
     with pytest.raises(ValueError, match="128²"):
         guidance_table(world, "noise_shift_highres", scales, seeds=(0,))
+    sizes, sweep = [], world.guidance_sweep  # prompts=12: every model sampled on 12 prompts (the runs used 8)
+    world.guidance_sweep = lambda pipe, sc, prompts, **kw: sizes.append(len(prompts)) or sweep(pipe, sc, prompts, **kw)
+    try:
+        more = guidance_table(world, "combined", (world.cfg_scale,), seeds=(0,), prompts=12)
+    finally:
+        del world.guidance_sweep
+    assert sizes == [12, 12, 12] and list(more.index.get_level_values("variant")) == variants
