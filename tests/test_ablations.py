@@ -131,7 +131,7 @@ def test_finetune_keys_leave_late_options_out_at_their_defaults():
     from l2p.toyworld.recipe import FinetuneConfig
     base = FinetuneConfig()
     late = ("prediction", "head_channels", "ema_decay", "seeded_noise", "caption_dropout", "lr_decay", "head_time",
-            "head_upsample", "latent_loss", "vae_fit_gain")
+            "head_upsample", "latent_loss", "vae_fit_gain", "start_from")
     assert not set(late) & set(base.key())
     assert base.key() == {k: v for k, v in base.__dict__.items() if k not in late}
     assert FinetuneConfig(ema_decay=0.995).key()["ema_decay"] == 0.995
