@@ -27,7 +27,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=2.0, help="L2P cfg_scale (diffusers guidance_scale = cfg − 1)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only for σ in [LO, HI] (Z-Image's cfg_truncation τ is 1−τ 1)")
+                   help="guide only for σ in [LO, HI] (Z-Image's cfg_truncation τ is LO = 1 − τ, HI = 1)")
     p.add_argument("--cfg-norm-cap", type=float, metavar="K",
                    help="cap each guided velocity at K × the conditional one's norm (Z-Image's cfg_normalization)")
     p.add_argument("--shift", type=float, default=3.0)
