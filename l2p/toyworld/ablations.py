@@ -37,6 +37,9 @@ SEEDS = {"full": (0, 1, 2), "smoke": (0, 1)}
 # Notebook 03's budget, for experiments whose effect only shows once the model learns; their baseline runs are
 # 03's and `transfer`'s converted runs.
 _LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100}
+# The three changes that each beat the release at that budget, together (`combined`, `combined_long`)
+_COMBINATION = {"σ-head + capped vae_fit + latent loss λ=0.5":
+                {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5}}
 
 EXPERIMENTS = [
     Experiment("transfer", "Does the latent model's knowledge transfer, or is the pixel model learning from scratch?",
@@ -118,16 +121,14 @@ EXPERIMENTS = [
                "budget: the σ-conditioned head (head_time), the capped vae_fit embedder init (embedder_init) and the "
                "latent loss (latent_loss). The variant uses all three, with λ=0.5 as in the single-seed probe that "
                "first tried them together.",
-               {"release": {}, "σ-head + capped vae_fit + latent loss λ=0.5":
-                {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5}},
+               {"release": {}, **_COMBINATION},
                _LONG),
     Experiment("combined_long", "Does 4× notebook 03's budget bring the combined recipe to 90% of the source?",
                "The paper's pixel model reaches 93% of its source's GenEval; this project's goal is 0.9×. At 1500 × 32 "
                "every recipe stays below 0.6× at the world's cfg. Here `combined`'s recipe trains 6000 × 32 (96 "
                "epochs of the 2,000-image corpus), evaluated every 500 steps. No release baseline at this budget: "
                "it would cost three more hour-long runs, and its single-seed probe scored 0.64× at its best cfg.",
-               {"σ-head + capped vae_fit + latent loss λ=0.5":
-                {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5}},
+               _COMBINATION,
                {**_LONG, "steps": 6000, "eval_every": 500}),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
