@@ -31,6 +31,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--cfg-norm-cap", type=float, metavar="K",
                    help="cap each guided velocity at K × the conditional one's norm (Z-Image's cfg_normalization)")
     p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler",
+                   help="euler (the release) or heun: second order, 2·steps − 1 model calls")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--patch-size", type=int, default=None, help="pixel patch (e.g. 64 for the 4K embedder)")
@@ -84,7 +86,7 @@ def run_generate(a) -> int:
         extra["cfg_norm_cap"] = a.cfg_norm_cap
     img = pipe(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, rand_device=a.rand_device,
                num_inference_steps=a.steps, cfg_scale=a.cfg, height=a.height, width=a.width, shift=a.shift,
-               progress=True, **extra)
+               solver=a.solver, progress=True, **extra)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .flow import velocity_from_output
 from .model import ZImageDiT
-from .sampler import StepInfo, euler_sample, guide, guided_at
+from .sampler import StepInfo, get_solver, guide, guided_at
 from .schedule import dit_time, sampling_sigmas
 
 
@@ -98,15 +98,16 @@ class FlowPipeline:
                rand_device: str = "cpu", num_inference_steps: int = 8, cfg_scale: float = 1.0,
                height: int = 1024, width: int = 1024, shift: float = 3.0,
                callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
-               noise: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
-        """Sampled pixels in [-1, 1], (B, 3, H, W) float32."""
+               noise: Optional[torch.Tensor] = None, solver: str = "euler", **kw) -> torch.Tensor:
+        """Sampled pixels in [-1, 1], (B, 3, H, W) float32. `solver`: "euler" (the release) or "heun"."""
+        sample_fn = get_solver(solver)  # fail on a bad name before any model call
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = round_size(height, width)
         caps = self.encode(prompts)
         neg = self.encode([negative_prompt] * len(prompts)) if cfg_scale != 1.0 else None
         x = noise if noise is not None else self.initial_noise(len(prompts), height, width, seed, rand_device)
         sigmas = sampling_sigmas(num_inference_steps, shift).to(self.device)
-        x = euler_sample(self.velocity_fn(caps, neg, cfg_scale, **kw), x, sigmas, callback, progress)
+        x = sample_fn(self.velocity_fn(caps, neg, cfg_scale, **kw), x, sigmas, callback, progress)
         return self.to_pixels(x)
 
     def __call__(self, prompt, *args, output_type: str = "pil", **kwargs):

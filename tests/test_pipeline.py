@@ -87,6 +87,20 @@ def test_guidance_interval_guides_only_inside_and_skips_the_negative_pass():
         pipe.sample("a red circle", cfg_scale=3.0, cfg_interval=(0.8, 0.4), **kw)
 
 
+def test_heun_solver_calls_the_model_2n_minus_1_times_and_rejects_unknown_names():
+    pipe = pixel_pipe()
+    kw = dict(seed=1, num_inference_steps=4, height=32, width=32, cfg_scale=1.0)
+    batches = []
+    hook = pipe.dit.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    heun = pipe.sample("a red circle", solver="heun", **kw)
+    hook.remove()
+    assert len(batches) == 7
+    euler = pipe.sample("a red circle", **kw)
+    assert heun.shape == euler.shape and not torch.allclose(heun, euler)
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        pipe.sample("a red circle", solver="rk4", **kw)
+
+
 def test_empty_prompt_and_callback_sees_every_step():
     pipe = pixel_pipe()
     seen = []
@@ -121,13 +135,24 @@ def test_cli_generate_passes_the_guidance_options(tmp_path, monkeypatch):
     real = L2PPipeline.velocity_fn
 
     def spy(self, *a, **kw):
+        nonlocal calls
         seen.update(kw)
-        return real(self, *a, **kw)
+        fn = real(self, *a, **kw)
+
+        def counted(x, sigma):
+            nonlocal calls
+            calls += 1
+            return fn(x, sigma)
+        return counted
+
+    calls = 0
 
     monkeypatch.setattr(L2PPipeline, "velocity_fn", spy)
     out = tmp_path / "img.png"
     assert cli.main(["generate", "--random-init", "tiny_pixel", "--prompt", "a red circle", "--steps", "2",
                      "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32", "--cfg", "3",
-                     "--cfg-interval", "0.5", "1", "--cfg-norm-cap", "1.5", "-o", str(out)]) == 0
+                     "--cfg-interval", "0.5", "1", "--cfg-norm-cap", "1.5", "--solver", "heun",
+                     "-o", str(out)]) == 0
     assert seen == {"cfg_interval": (0.5, 1.0), "cfg_norm_cap": 1.5}
+    assert calls == 3  # heun, 2 steps: 2·2 − 1 velocity calls
     assert Image.open(out).size == (32, 32) and not list(tmp_path.glob("*.tmp"))

@@ -1,9 +1,11 @@
 """Schedule, path and sampler conventions against the reference facts and diffusers."""
+import math
+
 import pytest
 import torch
 
 from l2p.flow import add_noise, flow_matching_loss, velocity_target, x0_from_velocity
-from l2p.sampler import euler_sample, guide
+from l2p.sampler import euler_sample, get_solver, guide, heun_sample
 from l2p.schedule import sample_training_sigma, sampling_sigmas, training_sigmas
 
 
@@ -73,3 +75,30 @@ def test_euler_solves_linear_flow_exactly_and_reports_steps():
     assert torch.allclose(out, x0, atol=1e-5)
     assert [s.step for s in seen] == list(range(5)) and seen[0].sigma == 1.0
     assert all(torch.allclose(s.x0, x0, atol=1e-5) for s in seen)
+
+
+def test_heun_is_second_order_and_ends_with_an_euler_step():
+    """Heun halves its error 4× per halved step (Euler 2×); its last step to σ = 0 costs one call."""
+    x1 = torch.randn(3, 5)
+
+    def v_fn(x, sigma):  # dx/dσ = x: x(σ) = x1·exp(σ − 1)
+        calls.append(float(sigma[0]))
+        return x
+
+    def error(solver, n):
+        sig = torch.linspace(1.0, 0.2, n + 1)  # stop short of 0: every step of Heun is a corrected one
+        return (solver(v_fn, x1, sig) - x1 * math.exp(-0.8)).abs().max().item()
+
+    calls = []
+    e_heun = [error(heun_sample, n) for n in (4, 8, 16)]
+    e_euler = [error(euler_sample, n) for n in (4, 8, 16)]
+    assert all(3.5 < a / b < 4.5 for a, b in zip(e_heun, e_heun[1:]))
+    assert all(1.7 < a / b < 2.3 for a, b in zip(e_euler, e_euler[1:]))
+    assert e_heun[0] < e_euler[-1]  # 4 Heun steps beat 16 Euler ones here
+    calls.clear()
+    seen = []
+    heun_sample(v_fn, x1, sampling_sigmas(5), callback=seen.append)
+    assert len(calls) == 9 and 0.0 not in calls  # 2n − 1: the step to σ = 0 is Euler
+    assert [s.step for s in seen] == list(range(5)) and seen[-1].sigma_next == 0.0
+    with pytest.raises(ValueError, match="known"):
+        get_solver("rk4")
