@@ -88,19 +88,23 @@ def test_data_quantity_verdict_needs_gains_beyond_the_spread():
     assert verdict(exp, linear, 0.5)[1].startswith("disagrees: the larger corpus still helps")
 
 
-def test_combined_long_verdict_compares_with_the_source_itself():
+def test_combined_long_verdict_compares_its_best_variant_with_the_source_itself():
     exp = get_experiment("combined_long")
-    (v,) = exp.variants
-    found, agrees = verdict(exp, curves({v: [0.40, 0.44, 0.42]}), 0.6)
-    assert "0.70× the source's 0.600" in found and agrees.startswith("disagrees at this cfg: 0.70×")
-    assert verdict(exp, curves({v: [0.55, 0.56, 0.57]}), 0.6)[1] == "agrees: ≥ 0.9× the source"
-    assert verdict(exp, curves({v: [0.55, 0.56, 0.57]}), 0.0)[1].startswith("inconclusive")
+    v, wide = exp.variants
+    found, agrees = verdict(exp, curves({v: [0.40, 0.44, 0.42], wide: [0.30, 0.31, 0.29]}), 0.6)
+    assert f"The best, {v}, is 0.70× the source's 0.600" in found
+    assert agrees.startswith("disagrees at this cfg: 0.70×")
+    found, agrees = verdict(exp, curves({v: [0.40, 0.44, 0.42], wide: [0.55, 0.56, 0.57]}), 0.6)
+    assert f"The best, {wide}, is 0.93×" in found and agrees == "agrees: ≥ 0.9× the source"
+    assert verdict(exp, curves({v: [0.55, 0.56, 0.57], wide: [0.5] * 3}), 0.0)[1].startswith("inconclusive")
     full = variant_config(exp, exp.variants[v], "full", 1)
     assert (full.steps, full.batch_size, full.eval_every, full.eval_prompts) == (6000, 32, 500, 100)
     # the same runs as the session-15/16 probes (cached under this key), and in smoke `combined`'s own runs
     from l2p.toyworld.recipe import FinetuneConfig
     assert full == FinetuneConfig(steps=6000, eval_every=500, head_time=True, init="vae_fit", vae_fit_gain=1.0,
                                   latent_loss=0.5, seed=1)
+    # session 18's probes: the same recipe with a head as wide as the toy VAE's decoder
+    assert variant_config(exp, exp.variants[wide], "full", 1) == full.replace(head_channels=(16, 32, 64, 64))
     combined = get_experiment("combined")
     assert variant_config(exp, exp.variants[v], "smoke", 0) == \
         variant_config(combined, combined.variants[v], "smoke", 0)
