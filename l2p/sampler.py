@@ -63,43 +63,43 @@ def guided_at(sigma: float, interval: Optional[tuple[float, float]]) -> bool:
     return lo <= sigma <= hi
 
 
-def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 sigmas: torch.Tensor, callback: Optional[Callable[[StepInfo], None]] = None,
-                 progress: bool = False, start: int = 0) -> torch.Tensor:
-    """Integrate x from sigmas[start] to sigmas[-1]: x ← x + (σ_next − σ)·v(x, σ). State stays float32."""
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _integrate(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback, progress: bool,
+               start: int, heun: bool) -> torch.Tensor:
+    """The loop both solvers share: an Euler step, then (Heun) the trapezoid correction where σ_next > 0."""
     x = x.float()
     n = len(sigmas) - 1
     for i in tqdm(range(start, n), disable=not progress, desc="sampling"):
         s, s_next = sigmas[i], sigmas[i + 1]
         v = velocity_fn(x, s.expand(x.shape[0])).float()
         x_next = x + (s_next - s) * v
-        if callback is not None:
-            callback(StepInfo(i, n, float(s), float(s_next), x, x0_from_velocity(x, v, s), v, x_next))
-        x = x_next
-    return x
-
-
-def heun_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                sigmas: torch.Tensor, callback: Optional[Callable[[StepInfo], None]] = None,
-                progress: bool = False, start: int = 0) -> torch.Tensor:
-    """Like `euler_sample`, with a trapezoid correction: x ← x + (σ_next − σ)·(v(x, σ) + v(x̃, σ_next)) / 2.
-
-    The callback sees the first velocity (and its x0) and the corrected x_next. A step to σ = 0 stays Euler:
-    the velocity there is undefined for a flow model trained on σ > 0, and the correction would cost a call.
-    """
-    x = x.float()
-    n = len(sigmas) - 1
-    for i in tqdm(range(start, n), disable=not progress, desc="sampling"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v = velocity_fn(x, s.expand(x.shape[0])).float()
-        x_next = x + (s_next - s) * v
-        if float(s_next) > 0:
+        if heun and float(s_next) > 0:
             v2 = velocity_fn(x_next, s_next.expand(x.shape[0])).float()
             x_next = x + (s_next - s) * 0.5 * (v + v2)
         if callback is not None:
             callback(StepInfo(i, n, float(s), float(s_next), x, x0_from_velocity(x, v, s), v, x_next))
         x = x_next
     return x
+
+
+def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor,
+                 callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
+                 start: int = 0) -> torch.Tensor:
+    """Integrate x from sigmas[start] to sigmas[-1]: x ← x + (σ_next − σ)·v(x, σ). State stays float32."""
+    return _integrate(velocity_fn, x, sigmas, callback, progress, start, heun=False)
+
+
+def heun_sample(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor,
+                callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
+                start: int = 0) -> torch.Tensor:
+    """Like `euler_sample`, with a trapezoid correction: x ← x + (σ_next − σ)·(v(x, σ) + v(x̃, σ_next)) / 2.
+
+    The callback sees the first velocity (and its x0) and the corrected x_next. A step to σ = 0 stays Euler:
+    the velocity there is undefined for a flow model trained on σ > 0, and the correction would cost a call.
+    """
+    return _integrate(velocity_fn, x, sigmas, callback, progress, start, heun=True)
 
 
 SOLVERS = {"euler": euler_sample, "heun": heun_sample}
