@@ -135,7 +135,6 @@ def test_cli_generate_passes_the_guidance_options(tmp_path, monkeypatch):
     real = L2PPipeline.velocity_fn
 
     def spy(self, *a, **kw):
-        nonlocal calls
         seen.update(kw)
         fn = real(self, *a, **kw)
 
