@@ -110,6 +110,23 @@ def test_combined_long_verdict_compares_its_best_variant_with_the_source_itself(
         variant_config(combined, combined.variants[v], "smoke", 0)
 
 
+def test_notebook_03s_best_recipe_is_04s_widest_combined_long_run_and_smoke_keeps_its_tiny_budget():
+    from l2p.toyworld.ablations import _WIDE, get_experiment, variant_config
+    from l2p.toyworld.recipe import FINETUNE_MODES, recipe_config
+    exp = get_experiment("combined_long")
+    for seed in (0, 1, 2):  # one cached run serves both notebooks
+        assert recipe_config("best", "full", seed=seed) == variant_config(exp, exp.variants[_WIDE], "full", seed)
+    assert recipe_config("release", "full") == FINETUNE_MODES["full"]
+    smoke = recipe_config("best", "smoke", head_channels=[8, 16, 32, 32])  # a papermill list becomes a tuple
+    assert smoke.replace(head_channels=None, head_time=False, init="release", vae_fit_gain=None, latent_loss=0.0) \
+        == FINETUNE_MODES["smoke"] and smoke.head_channels == (8, 16, 32, 32) and smoke.latent_loss == 0.5
+    assert recipe_config("best", "full", steps=100, init="scratch").steps == 100
+    with pytest.raises(ValueError, match="unknown recipe 'bestest'"):
+        recipe_config("bestest")
+    with pytest.raises(ValueError, match=r"unknown fine-tuning fields \['head_widht'\]"):
+        recipe_config("best", head_widht=16)
+
+
 def test_a_verdict_at_the_untrained_floor_is_inconclusive():
     """Session 12: three Detailer Heads ended at 0.067 on every seed, their step-0 score; no ranking of those."""
     exp = get_experiment("detailer_head")

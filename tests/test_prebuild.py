@@ -106,10 +106,9 @@ def _fake_runs(monkeypatch):
 def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
     asked = _fake_runs(monkeypatch)
     world = SimpleNamespace(spec=prebuild.SPECS[mode], mode=mode)
-    base = recipe.FINETUNE_MODES[mode]
-    # notebook 03 with its default parameters, then its from-scratch comparison
-    cfg = base.replace(policy="paper", n=1, seed=0, prediction="velocity")
-    for c in (cfg, cfg.replace(init="scratch")):
+    # notebook 03 with its default parameters: the best recipe, its other seeds, its from-scratch comparison
+    cfg = recipe.recipe_config("best", mode, policy="paper", n=1, seed=0)
+    for c in [cfg.replace(seed=s) for s in ablations.SEEDS[mode]] + [cfg.replace(init="scratch", vae_fit_gain=None)]:
         recipe.finetune(world, c)
     for exp in ablations.EXPERIMENTS:  # notebook 04
         ablations.run_experiment(world, exp, mode)
@@ -117,8 +116,8 @@ def test_plan_covers_every_run_the_notebooks_ask_for(mode, monkeypatch):
     grid.grid_runs(worlds, mode)
     plan = {(repr(r.world.key()), repr(r.config.key())) for r in prebuild.planned_runs(mode)}
     assert asked == plan
-    if mode == "full":  # 03 and 04 share their baselines: 87 distinct runs, and 6 for 07
-        assert len(plan) == 93
+    if mode == "full":  # 03 and 04 share all but 03's from-scratch run: 88 distinct runs, and 6 for 07
+        assert len(plan) == 94
 
 
 @pytest.mark.slow
@@ -130,7 +129,7 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     fresh = [r for r in ours if not r.cached()]  # earlier tests of the session may have cached one of them
     world_was_cached = not missing_pieces(ours[0].world)
     done = prebuild.prebuild("smoke", jobs=2, notebooks=["03_finetune"], log=logged.append)
-    assert done["planned"] == 2 and len(ours) == 2 and all(r.cached() for r in ours)
+    assert done["planned"] == 3 and len(ours) == 3 and all(r.cached() for r in ours)
     assert logged[0].startswith("prebuild (smoke): ") and "2 worker(s) × 1 thread(s)" in logged[0]
     ready = next(i for i, m in enumerate(logged) if m.startswith("  world smoke: ready"))  # built before the workers
     assert ready in (1, 2) and (ready == 1) == world_was_cached
@@ -156,12 +155,13 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     # the notebook's calls now load, never train
     monkeypatch.setattr(cache, "_build_and_save", lambda *a, **k: pytest.fail(f"rebuilt {a[0]}"))
     world = build_toy_world("smoke", progress=False)
-    base = recipe.FINETUNE_MODES["smoke"]
+    base = recipe.recipe_config("best", "smoke")
     run = recipe.finetune(world, base, progress=False)
     assert run.evals.step.iloc[-1] == base.steps
-    recipe.finetune(world, base.replace(init="scratch"), progress=False)
+    recipe.finetune(world, base.replace(seed=1), progress=False)
+    recipe.finetune(world, base.replace(init="scratch", vae_fit_gain=None), progress=False)
     again = prebuild.prebuild("smoke", jobs=2, notebooks=["03"], log=logged.append)
-    assert again["built"] == 0 and logged[-1].startswith("prebuild (smoke): 2 of 2 runs cached")
+    assert again["built"] == 0 and logged[-1].startswith("prebuild (smoke): 3 of 3 runs cached")
     with pytest.raises(ValueError, match="jobs"):
         prebuild.prebuild("smoke", jobs=0)
 

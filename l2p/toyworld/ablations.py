@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .recipe import EVAL_SEED, FinetuneConfig, evaluate_pixel, finetune
+from .recipe import _BUDGET, EVAL_SEED, RECIPES, FinetuneConfig, evaluate_pixel, finetune
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,18 @@ class Experiment:
 
 ABLATION_BASE = {
     # Short runs at batch 16 (≈ 1 min each on 2 cores; the report's budget holds ~40 of them): comparisons at
-    # equal budget, not converged. Notebook 03 shows the long run.
+    # equal budget, not converged. `_LONG` experiments and notebook 03 show longer runs.
     "full": FinetuneConfig(steps=300, batch_size=16, eval_every=100, eval_prompts=48),
     # smoke: two seeds and two evaluations per run, the fewest that still exercise the spread and the curves
     "smoke": FinetuneConfig(corpus_size=16, steps=2, batch_size=4, eval_every=2, eval_prompts=8),
 }
 SEEDS = {"full": (0, 1, 2), "smoke": (0, 1)}
-# Notebook 03's budget, for experiments whose effect only shows once the model learns; their baseline runs are
-# 03's and `transfer`'s converted runs.
+# The release's toy budget (FINETUNE_MODES: 1500 × 32), for experiments whose effect only shows once the model
+# learns; their baseline runs are `transfer`'s converted runs (notebook 03 with `-p recipe=release`).
 _LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100}
 # The three changes that each beat the release at that budget, together (`combined`, `combined_long`)
 _COMBINED = "σ-head + capped vae_fit + latent loss λ=0.5"
-_COMBINATION = {_COMBINED: {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5}}
+_COMBINATION = {_COMBINED: {k: RECIPES["best"][k] for k in ("head_time", "init", "vae_fit_gain", "latent_loss")}}
 _WIDE = _COMBINED + ", 16-wide head"
 
 EXPERIMENTS = [
@@ -47,7 +47,7 @@ EXPERIMENTS = [
                "Transfer from the latent model reaches the source's quality with far less compute than training the "
                "same pixel architecture from scratch (the paper's efficiency argument).",
                {"converted init": {}, "from scratch": {"init": "scratch"}},
-               # at notebook 03's budget (its seed-0 runs are shared): at 300 steps both sit near the floor
+               # at the release's 1500-step budget (`transfer`'s runs are shared): at 300 steps both sit near the floor
                _LONG),
     Experiment("freeze_policy", "Which parts must train?",
                "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
@@ -56,7 +56,7 @@ EXPERIMENTS = [
                 "head-only": {"policy": "head-only"}}),
     Experiment("freeze_at_budget", "Does training the trunk's first and last layers help once the model learns?",
                "freeze_policy's claim (Fig. 9b: the paper's policy beats training only the embedder and the head), "
-               "at notebook 03's budget: at 300 steps the policies end within their seed spread. Session 10's probe "
+               "at the release's 1500-step budget: at 300 steps the policies end within their seed spread. Session 10's probe "
                "(03) saw the paper policy's trained layers lose the caption's shape from the tokens at high σ.",
                {"paper (n=1)": {}, "embedder+head": {"policy": "embedder+head"}},
                _LONG),
@@ -73,7 +73,7 @@ EXPERIMENTS = [
                "embedder with a ridge fit of the VAE encoder on RGB patches. The plain fit passes white pixel noise "
                "to the latents with a large gain (~1,700 on the toy VAE), so the trunk sees x_σ as far noisier than "
                "σ says; the capped variant takes the ridge that brings the gain to 1 (`--vae-fit-noise-gain 1`). "
-               "At notebook 03's budget: at 300 steps all three sit near the floor.",
+               "At the release's 1500-step budget: at 300 steps all three sit near the floor.",
                {"release (random)": {}, "vae_fit": {"init": "vae_fit"},
                 "vae_fit, noise gain ≤ 1": {"init": "vae_fit", "vae_fit_gain": 1.0}},
                _LONG),
@@ -124,14 +124,14 @@ EXPERIMENTS = [
                "first tried them together.",
                {"release": {}, **_COMBINATION},
                _LONG),
-    Experiment("combined_long", "Does 4× notebook 03's budget bring the combined recipe to 90% of the source?",
+    Experiment("combined_long", "Does 4× the release's 1500-step budget bring the combined recipe to 90% of the source?",
                "The paper's pixel model reaches 93% of its source's GenEval; this project's goal is 0.9×. At 1500 × 32 "
                "every recipe stays below 0.6× at the world's cfg. Here `combined`'s recipe trains 6000 × 32 (96 "
                "epochs of the 2,000-image corpus), evaluated every 500 steps, with the toy Detailer Head and with one "
                "twice as wide (as wide as the toy VAE's decoder, 16 channels at full resolution; the release's head is "
                "64). No release baseline at this budget: it would cost three more hour-long runs, and its single-seed "
                "probe scored 0.64× at its best cfg.",
-               {**_COMBINATION, _WIDE: {**_COMBINATION[_COMBINED], "head_channels": (16, 32, 64, 64)}},
+               {**_COMBINATION, _WIDE: {**_COMBINATION[_COMBINED], "head_channels": RECIPES["best"]["head_channels"]}},
                {**_LONG, "steps": 6000, "eval_every": 500}),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
@@ -151,8 +151,7 @@ def get_experiment(name: str) -> Experiment:
 def variant_config(exp: Experiment, overrides: dict, mode: str, seed: int) -> FinetuneConfig:
     base = ABLATION_BASE[mode]
     if mode == "smoke":  # keep smoke runs tiny whatever the experiment asks for
-        budget = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")
-        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in budget}
+        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in _BUDGET}
     else:
         extra = {**exp.base, **overrides}
     return base.replace(**extra, seed=seed)
@@ -214,25 +213,36 @@ def guidance_table(world, exp: Experiment | str, scales, mode: Optional[str] = N
     """
     exp = get_experiment(exp) if isinstance(exp, str) else exp
     mode = mode or world.mode
+    runs = {seed: variant_runs(world, exp, mode, seed) for seed in seeds or SEEDS[mode]}
+    return summarize_guidance(guidance_rows(world, runs, scales, prompts))
+
+
+def guidance_rows(world, runs: dict, scales, prompts: Optional[int] = None) -> pd.DataFrame:
+    """One row (variant, cfg, seed, geneval, fid) per model, scale and seed, for runs given as
+    {seed: {label: FinetuneRun}}: each seed's runs and the source LDM sampled with that seed."""
     rows = []
-    for seed in seeds or SEEDS[mode]:
-        runs = variant_runs(world, exp, mode, seed)
-        cfg = next(iter(runs.values())).config
+    for seed, by_label in runs.items():
+        cfg = next(iter(by_label.values())).config
         if cfg.image_size != world.image_size:
-            raise ValueError(f"{exp.name} trains at {cfg.image_size}²; the source LDM samples at {world.image_size}²")
+            raise ValueError(f"a run of seed {seed} trains at {cfg.image_size}²; the source LDM samples at "
+                             f"{world.image_size}²")
         chosen = world.prompts(prompts or cfg.eval_prompts, seed=EVAL_SEED)
         sweeps = {"source LDM": world.guidance_sweep(world.latent_pipeline(), scales, chosen, seed=seed)}
-        for label, run in runs.items():  # sampled as the run was evaluated (`evaluate_pixel`), at each scale
+        for label, run in by_label.items():  # sampled as the run was evaluated (`evaluate_pixel`), at each scale
             sweeps[label] = world.guidance_sweep(world.pixel_pipeline(run.model.eval()), scales, chosen, seed=seed,
                                                  image_size=run.config.image_size, shift=run.config.shift)
         for label, sweep in sweeps.items():
             rows += [{"variant": label, "cfg": s, "seed": seed, "geneval": r.geneval, "fid": r.fid}
                      for s, r in sweep.iterrows()]
-    df = pd.DataFrame(rows)
-    order = list(dict.fromkeys(df.variant))
-    out = df.groupby(["variant", "cfg"], sort=False)[["geneval", "fid"]].agg(["mean", "std"])
+    return pd.DataFrame(rows)
+
+
+def summarize_guidance(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds of `guidance_rows` (rows: variant × cfg scale, in the order given)."""
+    order = list(dict.fromkeys(rows.variant))
+    out = rows.groupby(["variant", "cfg"], sort=False)[["geneval", "fid"]].agg(["mean", "std"])
     out.columns = [f"{a} {b}" for a, b in out.columns]
-    out["seeds"] = df.groupby(["variant", "cfg"], sort=False).seed.nunique()
+    out["seeds"] = rows.groupby(["variant", "cfg"], sort=False).seed.nunique()
     return out.reindex(order, level=0)
 
 

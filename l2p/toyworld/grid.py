@@ -5,7 +5,7 @@ grid (64², 16-px patches) puts about one token on each 11–19 px object, so th
 draw a shape inside a token. The fine-grid world keeps the images, captions, judge, text encoder and the
 latent's size (1,024 values), but halves the VAE stride (4, with 4 channels): patches are 8 px and the
 grid is 8×8. Here both worlds are trained alike (source LDM: 1500 steps of 64 images, raw final weights;
-pixel model: the release recipe of notebook 03, ≥ 3 seeds), so that only the grid differs.
+pixel model: the release's recipe at 1500 × 32, ≥ 3 seeds), so that only the grid differs.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def grid_worlds(mode: str = "full", progress: bool = True) -> dict[str, ToyWorld
 
 
 def pixel_config(world: ToyWorld, mode: str = "full", seed: int = 0, **kw) -> FinetuneConfig:
-    """Notebook 03's fine-tuning recipe with the patch that puts the pixel tokens on this world's grid."""
+    """The release's fine-tuning recipe (FINETUNE_MODES) with the patch that puts the pixel tokens on this world's grid."""
     return FINETUNE_MODES[mode].replace(patch=world.spec.pixel_patch, seed=seed, **kw)
 
 

@@ -1,7 +1,7 @@
 """The L2P recipe end to end in the toy world: convert the source LDM, fine-tune, evaluate — cached runs.
 
-Every run is keyed by its full config, so notebooks share baselines (the paper-policy run that
-notebook 03 shows is the same cached run the ablations compare against) and a re-run computes only
+Every run is keyed by its full config, so notebooks share runs (the best recipe's runs that notebook 03
+shows are the ones 04 · `combined_long` compares) and a re-run computes only
 what changed.
 """
 from __future__ import annotations
@@ -76,8 +76,34 @@ _CONTINUATION_FIELDS = ("init", "vae_fit_gain", "patch", "image_size", "predicti
 
 EVAL_SEED = 4242  # the prompt set every fine-tuning run is evaluated on (and the source, to compare)
 
+# The release's recipe at the toy budget (1500 × 32), and its smoke-sized twin
 FINETUNE_MODES = {"full": FinetuneConfig(), "smoke": FinetuneConfig(corpus_size=16, steps=4, batch_size=4,
                                                                     eval_every=2, eval_prompts=8)}
+
+# Named recipes (changes to FINETUNE_MODES). "best" is the best 04 found (`combined_long`, 16-wide head): a
+# σ-conditioned Detailer Head as wide as the toy VAE's decoder, the embedder initialised by a capped fit to the
+# VAE, and a loss on the VAE's latents of x̂0 (λ=0.5), trained 4× the release's steps. Notebook 03 trains it.
+RECIPES = {
+    "release": {},
+    "best": {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5,
+             "head_channels": (16, 32, 64, 64), "steps": 6000, "eval_every": 500},
+}
+_BUDGET = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")  # what smoke mode keeps tiny
+
+
+def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> FinetuneConfig:
+    """A named recipe at `mode`'s scale (smoke keeps its tiny budget), with any fields changed."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(FINETUNE_MODES)}")
+    fields = {k: v for k, v in RECIPES[recipe].items() if mode != "smoke" or k not in _BUDGET}
+    unknown = sorted(set(changes) - set(FinetuneConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown fine-tuning fields {unknown}: see FinetuneConfig")
+    if changes.get("head_channels") is not None:  # a JSON or papermill list
+        changes["head_channels"] = tuple(changes["head_channels"])
+    return FINETUNE_MODES[mode].replace(**{**fields, **changes})
 
 
 @dataclass
