@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .recipe import _BUDGET, EVAL_SEED, RECIPES, FinetuneConfig, evaluate_pixel, finetune
+from .recipe import BUDGET_FIELDS, EVAL_SEED, RECIPES, FinetuneConfig, evaluate_pixel, finetune
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def get_experiment(name: str) -> Experiment:
 def variant_config(exp: Experiment, overrides: dict, mode: str, seed: int) -> FinetuneConfig:
     base = ABLATION_BASE[mode]
     if mode == "smoke":  # keep smoke runs tiny whatever the experiment asks for
-        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in _BUDGET}
+        extra = {k: v for k, v in {**exp.base, **overrides}.items() if k not in BUDGET_FIELDS}
     else:
         extra = {**exp.base, **overrides}
     return base.replace(**extra, seed=seed)

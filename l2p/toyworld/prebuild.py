@@ -22,7 +22,7 @@ from typing import Optional
 import pandas as pd
 
 from ..cache import available_cores, is_cached, run_threads
-from .recipe import FINETUNE_MODES, FinetuneConfig, recipe_config, run_key
+from .recipe import FINETUNE_MODES, FinetuneConfig, from_scratch, recipe_config, run_key
 from .world import SPECS, WorldSpec, missing_pieces
 
 
@@ -50,7 +50,7 @@ def planned_runs(mode: str = "full") -> list[PlannedRun]:
     best = recipe_config("best", mode)  # notebook 03's defaults: the best recipe over 04's seeds, and from scratch
     runs = [PlannedRun(spec, best.replace(seed=seed), f"03 · best recipe, seed {seed}")
             for seed in ablations.SEEDS[mode]]
-    runs.append(PlannedRun(spec, best.replace(init="scratch", vae_fit_gain=None), "03 · from scratch"))
+    runs.append(PlannedRun(spec, from_scratch(best), "03 · from scratch"))
     for exp in ablations.EXPERIMENTS:
         for label, overrides in exp.variants.items():
             for seed in ablations.SEEDS[mode]:

@@ -88,7 +88,7 @@ RECIPES = {
     "best": {"head_time": True, "init": "vae_fit", "vae_fit_gain": 1.0, "latent_loss": 0.5,
              "head_channels": (16, 32, 64, 64), "steps": 6000, "eval_every": 500},
 }
-_BUDGET = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")  # what smoke mode keeps tiny
+BUDGET_FIELDS = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")  # what smoke mode keeps tiny
 
 
 def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> FinetuneConfig:
@@ -97,13 +97,18 @@ def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> Finetu
         raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(FINETUNE_MODES)}")
-    fields = {k: v for k, v in RECIPES[recipe].items() if mode != "smoke" or k not in _BUDGET}
+    fields = {k: v for k, v in RECIPES[recipe].items() if mode != "smoke" or k not in BUDGET_FIELDS}
     unknown = sorted(set(changes) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown fine-tuning fields {unknown}: see FinetuneConfig")
     if changes.get("head_channels") is not None:  # a JSON or papermill list
         changes["head_channels"] = tuple(changes["head_channels"])
     return FINETUNE_MODES[mode].replace(**{**fields, **changes})
+
+
+def from_scratch(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The same run from random init: no transfer, so nothing of the VAE fit's settings applies."""
+    return cfg.replace(init="scratch", vae_fit_gain=None)
 
 
 @dataclass
