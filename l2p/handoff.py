@@ -50,13 +50,15 @@ class HandoffResult:
 def handoff_sample(latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, prompt: Union[str, Sequence[str]],
                    sigma_h: float, seed: int = 0, num_inference_steps: int = 8, cfg_scale: float = 1.0,
                    shift: float = 3.0, height: int = 64, width: int = 64, negative_prompt: str = "",
-                   noise_seed: Optional[int] = None,
+                   noise_seed: Optional[int] = None, pixel_cfg_scale: Optional[float] = None,
                    callback: Optional[Callable[[str, object], None]] = None) -> HandoffResult:
     """Latent model down to σ_h, decode its x0, re-noise in pixels, pixel model from σ_h to 0.
 
-    `noise_seed` (default: `seed`) seeds the pixel re-noising ε; `callback(stage, StepInfo)` sees every
-    step of both stages ("latent" then "pixel").
+    `noise_seed` (default: `seed`) seeds the pixel re-noising ε; `pixel_cfg_scale` (default: `cfg_scale`)
+    guides the pixel stage, since each model may sample best at its own scale; `callback(stage, StepInfo)`
+    sees every step of both stages ("latent" then "pixel").
     """
+    pixel_cfg = cfg_scale if pixel_cfg_scale is None else pixel_cfg_scale
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = len(prompts)
     height, width = round_size(height, width)
@@ -85,8 +87,8 @@ def handoff_sample(latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, prompt
         x = eps if handoff is None else add_noise(handoff.to(pipe.device), eps, lat_sig[-1:].to(pipe.device))
     if len(pix_sig) > 1:
         caps = pipe.encode(prompts)
-        neg = pipe.encode([negative_prompt] * n) if cfg_scale != 1.0 else None
-        x = euler_sample(pipe.velocity_fn(caps, neg, cfg_scale), x, pix_sig.to(pipe.device), stage_cb("pixel"))
+        neg = pipe.encode([negative_prompt] * n) if pixel_cfg != 1.0 else None
+        x = euler_sample(pipe.velocity_fn(caps, neg, pixel_cfg), x, pix_sig.to(pipe.device), stage_cb("pixel"))
     images = pipe.to_pixels(x).float()
     t2 = time.perf_counter()
     return HandoffResult(images, handoff, float(sigma_h), len(lat_sig) - 1, len(pix_sig) - 1, t1 - t0, t2 - t1)
@@ -119,12 +121,14 @@ def score_images(world, images: torch.Tensor, prompts: Sequence) -> dict:
 def run_sweep(latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, sigmas: Sequence[float], prompts: Sequence[str],
               seed: int = 0, steps: int = 8, cfg_scale: float = 1.0, shift: float = 3.0, height: int = 64,
               width: int = 64, batch_size: int = 64, score_fn: Optional[Callable[[torch.Tensor], dict]] = None,
-              warmup: bool = True) -> tuple[pd.DataFrame, dict[float, torch.Tensor]]:
+              warmup: bool = True, pixel_cfg_scale: Optional[float] = None
+              ) -> tuple[pd.DataFrame, dict[float, torch.Tensor]]:
     """Handoff samples of every prompt at every σ_h, timed (and scored by `score_fn(images)` when given).
 
     Batch k of the prompts uses seed + k, as `ToyWorld.evaluate` does, so σ_h = 0 and 1 reproduce its samples.
     """
-    kw = dict(num_inference_steps=steps, cfg_scale=cfg_scale, shift=shift, height=height, width=width)
+    kw = dict(num_inference_steps=steps, cfg_scale=cfg_scale, shift=shift, height=height, width=width,
+              pixel_cfg_scale=pixel_cfg_scale)
     if warmup:  # the first call pays for lazy initialisation; keep that out of the timings
         handoff_sample(latent_pipe, pixel_pipe, prompts[:1], 0.5, seed, **{**kw, "num_inference_steps": 1})
     rows, images = [], {}
@@ -147,11 +151,13 @@ def run_sweep(latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, sigmas: Seq
 
 def handoff_sweep(world, pixel_model, sigmas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), prompts=None,
                   seed: int = 0, steps: Optional[int] = None, cfg_scale: Optional[float] = None, shift: float = 3.0,
-                  batch_size: int = 64, latent_model=None, return_images: bool = False):
+                  batch_size: int = 64, latent_model=None, return_images: bool = False,
+                  pixel_cfg_scale: Optional[float] = None):
     """Toy-world sweep over σ_h: toy-GenEval, toy-FID, spectral distance and wall time per σ_h.
 
     `prompts`: `Prompt`s, a count, or None for the world's evaluation set. Defaults (steps, cfg) are the
-    world's, so σ_h = 0 / 1 score like `ToyWorld.evaluate` on the latent / pixel pipelines.
+    world's, so σ_h = 0 / 1 score like `ToyWorld.evaluate` on the latent / pixel pipelines (at `cfg_scale` /
+    `pixel_cfg_scale`, which defaults to `cfg_scale`).
     """
     if prompts is None or isinstance(prompts, int):
         prompts = world.prompts(prompts)
@@ -159,7 +165,7 @@ def handoff_sweep(world, pixel_model, sigmas: Sequence[float] = (0.0, 0.25, 0.5,
     df, images = run_sweep(world.latent_pipeline(latent_model), world.pixel_pipeline(pixel_model), sigmas,
                            [p.text for p in prompts], seed, steps or world.sample_steps,
                            cfg_scale or world.cfg_scale, shift, world.image_size, world.image_size, batch_size,
-                           score_fn=lambda gen: score_images(world, gen, prompts))
+                           score_fn=lambda gen: score_images(world, gen, prompts), pixel_cfg_scale=pixel_cfg_scale)
     return (df, images) if return_images else df
 
 
@@ -187,20 +193,22 @@ def sweep_figure(df: pd.DataFrame, metrics: Sequence[str] = ("geneval", "fid", "
 
 def load_pipelines(mode: str = "full", pixel_checkpoint: str = "", latent_checkpoint: str = "", vae: str = "",
                    text_encoder: str = "", tokenizer: str = "", device: str = "cpu",
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, recipe: str = "best"):
     """(latent pipeline, pixel pipeline, toy world or None).
 
-    Without paths: the toy world of `mode`, its source LDM and the cached fine-tuned pixel model
-    (`finetune(world, FINETUNE_MODES[mode]).model`). With paths: both DiTs via `ZImageDiT.from_pretrained`,
-    a diffusers `AutoencoderKL` folder and a text encoder (folder or shards; tokenizer found beside it).
+    Without paths: the toy world of `mode`, its source LDM and the cached fine-tuned pixel model of `recipe`
+    (`finetune(world, recipe_config(recipe, mode)).model`: seed 0, the run notebook 03 trains first). With
+    paths: both DiTs via `ZImageDiT.from_pretrained`, a diffusers `AutoencoderKL` folder and a text encoder
+    (folder or shards; tokenizer found beside it).
     """
     paths = (pixel_checkpoint, latent_checkpoint, vae, text_encoder)
     if not any(paths):
-        from .toyworld.recipe import FINETUNE_MODES, finetune
+        from .toyworld.recipe import finetune, recipe_config
         from .toyworld.world import build_toy_world
 
+        config = recipe_config(recipe, mode)  # an unknown recipe fails here, before the world loads
         world = build_toy_world(mode)
-        pixel = finetune(world, FINETUNE_MODES[mode]).model
+        pixel = finetune(world, config).model
         return world.latent_pipeline(), world.pixel_pipeline(pixel), world
     if not all(paths):
         raise ValueError("checkpoint mode needs pixel_checkpoint, latent_checkpoint, vae and text_encoder")

@@ -51,10 +51,16 @@ def strip_png(rows: list[list[torch.Tensor]], size: int = 64, gap: int = 2) -> b
 
 
 class GenerationPanel:
-    """Prompt, cfg, steps, seed, shift and handoff σ_h → latent, pixel and handoff samples with wall times."""
+    """Prompt, cfg, steps, seed, shift and handoff σ_h → latent, pixel and handoff samples with wall times.
+
+    Each model has its own guidance slider (`cfg` for the latent model and the handoff's latent stage,
+    `pixel_cfg` for the pixel model and the handoff's pixel stage; it starts at `cfg_scale` unless
+    `pixel_cfg_scale` is given), since a pixel model may sample best at another scale than its source.
+    """
 
     def __init__(self, latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, prompt: str = "",
                  cfg_scale: float = 3.0, steps: int = 8, seed: int = 0, shift: float = 3.0, sigma_h: float = 0.5,
+                 pixel_cfg_scale: Optional[float] = None,
                  size: int = 64, preview: int = 160, trajectory: bool = False, strip_steps: int = 6,
                  background: bool = True, auto: bool = False, debounce: float = 0.5, max_steps: int = 50):
         import ipywidgets as W
@@ -75,8 +81,11 @@ class GenerationPanel:
         # continuous_update=False: a value arrives when the user lets go / presses Enter, not on every tick.
         wide = W.Layout(width="98%")
         self.prompt = W.Text(value=prompt, description="prompt", continuous_update=False, layout=wide)
-        self.cfg = W.FloatSlider(value=cfg_scale, min=1.0, max=8.0, step=0.25, description="cfg",
-                                 continuous_update=False)
+        self.cfg = W.FloatSlider(value=cfg_scale, min=1.0, max=8.0, step=0.25, description="latent cfg",
+                                 continuous_update=False, style={"description_width": "initial"})
+        self.pixel_cfg = W.FloatSlider(value=cfg_scale if pixel_cfg_scale is None else pixel_cfg_scale, min=1.0,
+                                       max=8.0, step=0.25, description="pixel cfg", continuous_update=False,
+                                       style={"description_width": "initial"})
         self.steps = W.IntSlider(value=steps, min=1, max=max_steps, description="steps", continuous_update=False)
         self.seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="180px"))
         self.shift = W.FloatSlider(value=shift, min=1.0, max=8.0, step=0.25, description="shift",
@@ -93,7 +102,7 @@ class GenerationPanel:
         # Stable CSS hooks for the browser test (descriptions and DOM structure may change).
         for k, im in self.images.items():
             im.add_class(f"l2p-{k}")
-        for name in ("prompt", "cfg", "steps", "seed", "shift", "sigma_h", "button", "status"):
+        for name in ("prompt", "cfg", "pixel_cfg", "steps", "seed", "shift", "sigma_h", "button", "status"):
             getattr(self, name).add_class(f"l2p-{name.replace('_', '-')}")
         self.strip = W.Image(format="png")
         self.strip_label = W.HTML()
@@ -108,12 +117,13 @@ class GenerationPanel:
 
         cols = [W.VBox([self.images[k], self.labels[k]]) for k in RESULTS]
         self.widget = W.VBox([
-            self.prompt, W.HBox([self.cfg, self.steps, self.seed]), W.HBox([self.shift, self.sigma_h]),
+            self.prompt, W.HBox([self.cfg, self.pixel_cfg, self.seed]), W.HBox([self.steps, self.shift, self.sigma_h]),
             W.HBox([self.button, self.auto, self.show_trajectory, self.status]), W.HBox(cols), self.strip_box])
 
     @property
     def controls(self) -> list:
-        return [self.prompt, self.cfg, self.steps, self.seed, self.shift, self.sigma_h, self.show_trajectory]
+        return [self.prompt, self.cfg, self.pixel_cfg, self.steps, self.seed, self.shift, self.sigma_h,
+                self.show_trajectory]
 
     def _repr_mimebundle_(self, **kw):
         bundle = self.widget._repr_mimebundle_(**kw)
@@ -124,12 +134,13 @@ class GenerationPanel:
     # -- parameters ------------------------------------------------------------------------------
     def params(self) -> dict:
         """The controls' current values."""
-        return {"prompt": self.prompt.value, "cfg_scale": float(self.cfg.value), "steps": int(self.steps.value),
+        return {"prompt": self.prompt.value, "cfg_scale": float(self.cfg.value),
+                "pixel_cfg_scale": float(self.pixel_cfg.value), "steps": int(self.steps.value),
                 "seed": int(self.seed.value), "shift": float(self.shift.value),
                 "sigma_h": float(self.sigma_h.value), "trajectory": bool(self.show_trajectory.value)}
 
     def set(self, **values) -> "GenerationPanel":
-        """Set controls by name (prompt, cfg, steps, seed, shift, sigma_h, show_trajectory, auto)."""
+        """Set controls by name (prompt, cfg, pixel_cfg, steps, seed, shift, sigma_h, show_trajectory, auto)."""
         for k, v in values.items():
             getattr(self, k).value = v
         return self
@@ -205,8 +216,10 @@ class GenerationPanel:
             results, traj = {}, {}
             for name, pipe in (("latent", self.latent_pipe), ("pixel", self.pixel_pipe)):
                 x0s = []
+                scale = p["cfg_scale"] if name == "latent" else p["pixel_cfg_scale"]
                 t0 = time.perf_counter()
-                img = pipe.sample(p["prompt"], callback=x0s.append if p["trajectory"] else None, **kw)[0]
+                img = pipe.sample(p["prompt"], callback=x0s.append if p["trajectory"] else None,
+                                  **{**kw, "cfg_scale": scale})[0]
                 results[name] = {"image": img.float().cpu(), "seconds": time.perf_counter() - t0}
                 if p["trajectory"]:
                     chosen = [x0s[i].x0 for i in pick_steps(len(x0s), self.strip_steps)]
@@ -216,7 +229,8 @@ class GenerationPanel:
                 src = results["latent" if s_h == 0.0 else "pixel"]
                 results["handoff"] = dict(src, reused=True)
             else:
-                res = handoff_sample(self.latent_pipe, self.pixel_pipe, p["prompt"], s_h, **kw)
+                res = handoff_sample(self.latent_pipe, self.pixel_pipe, p["prompt"], s_h,
+                                     pixel_cfg_scale=p["pixel_cfg_scale"], **kw)
                 results["handoff"] = {"image": res.images[0].cpu(), "seconds": res.seconds,
                                       "latent_steps": res.latent_steps, "pixel_steps": res.pixel_steps}
             self.results, self.trajectory, self.used = results, traj, p
@@ -274,6 +288,7 @@ class GenerationPanel:
                     ax[r, c].set_xticks([])
                     ax[r, c].set_yticks([])
                 ax[r, 0].set_ylabel(f"{name} x̂0", fontsize=8)
-        fig.suptitle(f"“{p['prompt']}”\ncfg {p['cfg_scale']:g} · {p['steps']} steps · seed {p['seed']} · "
+        fig.suptitle(f"“{p['prompt']}”\ncfg {p['cfg_scale']:g} (pixel {p['pixel_cfg_scale']:g}) · {p['steps']} "
+                     f"steps · seed {p['seed']} · "
                      f"shift {p['shift']:g} · σ_h {p['sigma_h']:.2f}", fontsize=9)
         return fig

@@ -149,10 +149,12 @@ def capture(pipe: FlowPipeline, prompts: Union[str, Sequence[str]], seed: int = 
 
 
 def capture_pair(latent_pipe: FlowPipeline, pixel_pipe: FlowPipeline, prompts, seed: int = 0,
-                 **kw) -> dict[str, Trajectory]:
-    """Latent and pixel trajectories for the same prompts, seed and schedule."""
+                 pixel_cfg_scale: Optional[float] = None, **kw) -> dict[str, Trajectory]:
+    """Latent and pixel trajectories for the same prompts, seed and schedule (the pixel model guided at
+    `pixel_cfg_scale` when given, else at the same `cfg_scale`)."""
+    pixel_kw = kw if pixel_cfg_scale is None else {**kw, "cfg_scale": pixel_cfg_scale}
     return {"latent": capture(latent_pipe, prompts, seed, name="latent", **kw),
-            "pixel": capture(pixel_pipe, prompts, seed, name="pixel", **kw)}
+            "pixel": capture(pixel_pipe, prompts, seed, name="pixel", **pixel_kw)}
 
 
 def pick_steps(num_steps: int, k: int = 6) -> list[int]:

@@ -46,8 +46,9 @@ def test_moving_a_slider_then_generating_changes_images_and_labels(pipes):
     panel.button.click()
     after_img, after_lbl = snapshot(panel)
     assert panel.generations == 2 and panel.params()["cfg_scale"] == 4.0
-    for k in ("latent", "pixel", "handoff"):
+    for k in ("latent", "handoff"):  # the latent model and the handoff's latent stage
         assert after_img[k] != before_img[k], k
+    assert after_img["pixel"] == before_img["pixel"]  # the pixel model has its own scale
     # labels show the new run's wall times (comparing with the old labels flaked when two timings matched to the ms)
     assert all(f"{1000 * panel.results[k]['seconds']:.0f} ms" in after_lbl[k] for k in after_lbl)
 
@@ -151,3 +152,24 @@ def test_png_helpers():
     import io
     assert Image.open(io.BytesIO(png_bytes(x, 32))).size == (32, 32)
     assert Image.open(io.BytesIO(strip_png([[x, x, x], [x]], size=16, gap=2))).size == (52, 34)
+
+
+def test_the_pixel_model_has_its_own_guidance_slider(pipes):
+    from l2p.handoff import handoff_sample
+    panel = make_panel(pipes, pixel_cfg_scale=1.0)
+    assert panel.params()["pixel_cfg_scale"] == 1.0 and panel.params()["cfg_scale"] == 2.0
+    panel.generate()
+    before, _ = snapshot(panel)
+    latent_pipe, pixel_pipe = pipes
+    alone = pixel_pipe.sample("a red disk", seed=0, num_inference_steps=2, cfg_scale=1.0, height=64, width=64)[0]
+    assert torch.equal(panel.results["pixel"]["image"], alone.float())
+    hand = handoff_sample(latent_pipe, pixel_pipe, "a red disk", 0.5, seed=0, num_inference_steps=2, cfg_scale=2.0,
+                          shift=3.0, pixel_cfg_scale=1.0)
+    assert torch.equal(panel.results["handoff"]["image"], hand.images[0])
+    panel.pixel_cfg.value = 5.0
+    panel.button.click()
+    after, _ = snapshot(panel)
+    assert after["latent"] == before["latent"]
+    assert after["pixel"] != before["pixel"] and after["handoff"] != before["handoff"]
+    assert "pixel 5" in panel.figure().texts[0].get_text()
+    assert make_panel(pipes).params()["pixel_cfg_scale"] == 2.0  # by default it starts at the latent scale

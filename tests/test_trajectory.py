@@ -240,3 +240,22 @@ def test_run_sweep(pipes):
     # batch k uses seed + k, like ToyWorld.evaluate
     assert torch.equal(images[1.0][2:], _sample(pix_pipe, seed=5, steps=2))
     assert isinstance(sweep_figure(df, metrics=("mean", "ms_per_image")), Figure)
+
+
+def test_each_stage_has_its_own_guidance(pipes):
+    """pixel_cfg_scale guides only the pixel stage: the limits are each pure sampler at its own scale."""
+    lat_pipe, pix_pipe = pipes
+    kw = dict(seed=3, num_inference_steps=3, cfg_scale=2.0, shift=3.0, height=64, width=64, pixel_cfg_scale=1.5)
+    assert torch.equal(handoff_sample(lat_pipe, pix_pipe, PROMPTS, 0.0, **kw).images, _sample(lat_pipe, cfg_scale=2.0))
+    assert torch.equal(handoff_sample(lat_pipe, pix_pipe, PROMPTS, 1.0, **kw).images, _sample(pix_pipe, cfg_scale=1.5))
+    mid = handoff_sample(lat_pipe, pix_pipe, PROMPTS, 0.6, **kw)
+    same = handoff_sample(lat_pipe, pix_pipe, PROMPTS, 0.6, **{**kw, "pixel_cfg_scale": 2.0})
+    default = handoff_sample(lat_pipe, pix_pipe, PROMPTS, 0.6, **{**kw, "pixel_cfg_scale": None})
+    assert torch.equal(mid.handoff, same.handoff) and not torch.equal(mid.images, same.images)
+    assert torch.equal(same.images, default.images)  # None: the pixel stage uses cfg_scale
+    df, images = run_sweep(lat_pipe, pix_pipe, [1.0], PROMPTS, seed=3, steps=3, cfg_scale=2.0, pixel_cfg_scale=1.5,
+                           warmup=False)
+    assert torch.equal(images[1.0], _sample(pix_pipe, cfg_scale=1.5))
+    pair = tj.capture_pair(lat_pipe, pix_pipe, PROMPTS, seed=3, steps=3, cfg_scale=2.0, pixel_cfg_scale=1.5)
+    assert torch.equal(pair["pixel"].final, _sample(pix_pipe, cfg_scale=1.5))
+    assert torch.equal(pair["latent"].final, _sample(lat_pipe, cfg_scale=2.0))

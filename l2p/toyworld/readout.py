@@ -83,12 +83,22 @@ def _tokens(model, x, t, feats, rows, cols, batch_size: int) -> torch.Tensor:
 
 
 def shape_readout(world, pixel_models: dict, sigmas: Sequence[float] = READOUT_SIGMAS, n_train: int = 2400,
-                  n_test: int = 600, seed: int = 31_337, batch_size: int = 100) -> pd.DataFrame:
+                  n_test: int = 600, seed: int = 31_337, batch_size: int = 100, cache: bool = True) -> pd.DataFrame:
     """Probe accuracy of the object's shape per σ (rows) and representation (columns); see the module doc.
 
     Scenes are single-object renders of the world's scene config (stream `seed`); pixels and latents are
-    noised with fixed ε, so every column sees the same noise draw.
+    noised with fixed ε, so every column sees the same noise draw. A readout done before with the same
+    weights and settings is loaded (`evalcache.cached_table`; `cache=False` computes it afresh).
     """
+    from .evalcache import cached_table
+    params = {"sigmas": [float(s) for s in sigmas], "n_train": n_train, "n_test": n_test, "seed": seed,
+              "batch_size": batch_size}
+    compute = lambda: _shape_readout(world, pixel_models, sigmas, n_train, n_test, seed, batch_size)  # noqa: E731
+    return cached_table(world, "shape_readout", pixel_models, params, compute) if cache else compute()
+
+
+def _shape_readout(world, pixel_models: dict, sigmas, n_train: int, n_test: int, seed: int,
+                   batch_size: int) -> pd.DataFrame:
     from .vae import encode
 
     n = n_train + n_test

@@ -89,6 +89,10 @@ RECIPES = {
              "head_channels": (16, 32, 64, 64), "steps": 6000, "eval_every": 500},
 }
 BUDGET_FIELDS = ("steps", "eval_every", "corpus_size", "batch_size", "eval_prompts")  # what smoke mode keeps tiny
+# The guidance scale each recipe's pixel model samples best at, as notebook 03 measured it (3 seeds, 300 prompts:
+# the best recipe scores 0.569 at 1.0 and 0.44 at the world's 3.0); None: the world's scale. Notebooks 02 and 05
+# sample the pixel model at it. A default setting, as Z-Image's cfg 2.0 is; 03 re-measures it on every run.
+RECIPE_CFG = {"release": None, "best": 1.0}
 
 
 def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> FinetuneConfig:
@@ -104,6 +108,13 @@ def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> Finetu
     if changes.get("head_channels") is not None:  # a JSON or papermill list
         changes["head_channels"] = tuple(changes["head_channels"])
     return FINETUNE_MODES[mode].replace(**{**fields, **changes})
+
+
+def recipe_cfg(recipe: str, world: ToyWorld) -> float:
+    """The guidance scale to sample `recipe`'s pixel model at (`RECIPE_CFG`, else the world's)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPE_CFG.get(recipe) or world.cfg_scale
 
 
 def from_scratch(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -248,14 +259,15 @@ def _dataset(world: ToyWorld, cfg: FinetuneConfig):
     return ds
 
 
-def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig) -> dict:
+def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig, cache: bool = True) -> dict:
     """`ToyWorld.evaluate` of a pixel model as a run with `cfg` is evaluated: its prompts, seed, size and shift.
 
     On a finished run's model it re-samples the run's last evaluation exactly, so its "geneval" is the
-    run's final score and its "scores" hold every judge check behind it.
+    run's final score and its "scores" hold every judge check behind it. The evaluations during training
+    pass `cache=False`: their weights are never seen again.
     """
     return world.evaluate(world.pixel_pipeline(model.eval()), world.prompts(cfg.eval_prompts, seed=EVAL_SEED),
-                          seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift)
+                          seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift, cache=cache)
 
 
 def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
@@ -274,7 +286,7 @@ def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: 
 
         def eval_fn(m, step):
             m.eval()
-            r = evaluate_pixel(world, m, cfg)
+            r = evaluate_pixel(world, m, cfg, cache=False)
             m.train()
             row = {"step": step, "geneval": r["geneval"], "fid": r["fid"], "spectral": r["spectral"]}
             evals.append(row)

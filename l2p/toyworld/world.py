@@ -212,17 +212,31 @@ class ToyWorld:
 
     def evaluate(self, pipe, prompts: Optional[Sequence[Prompt]] = None, seed: int = 0, batch_size: int = 64,
                  cfg_scale: Optional[float] = None, steps: Optional[int] = None, image_size: Optional[int] = None,
-                 **kw) -> dict:
+                 cache: bool = True, **kw) -> dict:
         """Sample every prompt, then score: toy-GenEval per category, FID/KID (judge features), spectra.
 
         Larger images (high-resolution experiments) are area-downsampled to the judge's size for the
         judge-based scores; the spectral distance is measured at full size against renders of that size.
+        An evaluation done before with the same weights, prompts and settings is loaded from the cache
+        (`l2p.toyworld.evalcache`; `cache=False` or L2P_EVAL_CACHE=0 computes it afresh).
         """
-        import torch.nn.functional as F
+        from .evalcache import cached_evaluation
         prompts = list(prompts or self.prompts())
         size = image_size or self.image_size
-        gen = self.sample(pipe, [p.text for p in prompts], seed, batch_size, cfg_scale, steps, size, **kw)
-        ref = to_tensor(np.stack([render(p.scene, size) for p in prompts]))
+        settings = {"seed": seed, "batch_size": batch_size, "cfg_scale": cfg_scale or self.cfg_scale,
+                    "steps": steps or self.sample_steps, "size": size, **kw}
+
+        def reference():
+            return to_tensor(np.stack([render(p.scene, size) for p in prompts]))
+
+        def compute():
+            gen = self.sample(pipe, [p.text for p in prompts], seed, batch_size, cfg_scale, steps, size, **kw)
+            return self._score(gen, reference(), prompts, size)
+
+        return cached_evaluation(self, pipe, prompts, settings, compute, reference) if cache else compute()
+
+    def _score(self, gen: torch.Tensor, ref: torch.Tensor, prompts: Sequence[Prompt], size: int) -> dict:
+        import torch.nn.functional as F
         spectral = spectral_fidelity(gen, ref)
         if size != self.image_size:
             gen_j, ref_j = (F.adaptive_avg_pool2d(t, self.image_size) for t in (gen, ref))
