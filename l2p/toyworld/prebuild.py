@@ -39,7 +39,8 @@ class PlannedRun:
 
 
 def planned_runs(mode: str = "full") -> list[PlannedRun]:
-    """Every fine-tuning run notebooks 03, 04 and 07 make with their default parameters, once each.
+    """Every fine-tuning run notebooks 03, 04 and 07 make with their default parameters, once each (02 and 05
+    show 03's seed-0 run).
 
     The order puts runs of different worlds side by side, so that parallel workers start by building
     different worlds rather than waiting for one.
