@@ -50,8 +50,8 @@ class HandoffResult:
 def handoff_sample(latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, prompt: Union[str, Sequence[str]],
                    sigma_h: float, seed: int = 0, num_inference_steps: int = 8, cfg_scale: float = 1.0,
                    shift: float = 3.0, height: int = 64, width: int = 64, negative_prompt: str = "",
-                   noise_seed: Optional[int] = None, pixel_cfg_scale: Optional[float] = None,
-                   callback: Optional[Callable[[str, object], None]] = None) -> HandoffResult:
+                   noise_seed: Optional[int] = None, callback: Optional[Callable[[str, object], None]] = None,
+                   pixel_cfg_scale: Optional[float] = None) -> HandoffResult:
     """Latent model down to σ_h, decode its x0, re-noise in pixels, pixel model from σ_h to 0.
 
     `noise_seed` (default: `seed`) seeds the pixel re-noising ε; `pixel_cfg_scale` (default: `cfg_scale`)

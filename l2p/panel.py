@@ -60,9 +60,9 @@ class GenerationPanel:
 
     def __init__(self, latent_pipe: LatentPipeline, pixel_pipe: FlowPipeline, prompt: str = "",
                  cfg_scale: float = 3.0, steps: int = 8, seed: int = 0, shift: float = 3.0, sigma_h: float = 0.5,
-                 pixel_cfg_scale: Optional[float] = None,
                  size: int = 64, preview: int = 160, trajectory: bool = False, strip_steps: int = 6,
-                 background: bool = True, auto: bool = False, debounce: float = 0.5, max_steps: int = 50):
+                 background: bool = True, auto: bool = False, debounce: float = 0.5, max_steps: int = 50,
+                 pixel_cfg_scale: Optional[float] = None):
         import ipywidgets as W
 
         self.latent_pipe, self.pixel_pipe = latent_pipe, pixel_pipe

@@ -44,25 +44,39 @@ def _prompts_digest(prompts: Sequence) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _context(world) -> dict:
+    """What decides every cached result besides its own inputs: the world's weights, threads, libraries."""
+    from ..cache import library_versions
+    return {"world": world.fingerprint, "threads": torch.get_num_threads(), "libraries": library_versions()}
+
+
+def _model(*modules) -> dict:
+    """A model's identity: its weights, and the first module's config (what it predicts changes no weight)."""
+    from .world import weights_fingerprint
+    return {"weights": weights_fingerprint(*modules), "config": modules[0].cfg.to_dict()}
+
+
+def _cached(name: str, key: dict, compute: Callable, save: Callable, load: Callable):
+    from ..cache import cached
+    return cached(name, key, 0, build_fn=compute, save_fn=save, load_fn=load, threads=torch.get_num_threads())
+
+
 def evaluation_key(world, pipe, prompts: Sequence, settings: dict) -> Optional[dict]:
     """The key of one evaluation, or None when it cannot be keyed (then it is computed, never cached).
 
     Only the world's own pipelines qualify: a latent or pixel pipeline over the world's text encoder, with
     plain-valued settings.
     """
-    from ..cache import library_versions
     from ..pipeline import L2PPipeline, LatentPipeline
-    from .world import weights_fingerprint
 
     if type(pipe) not in (L2PPipeline, LatentPipeline) or pipe.text_encoder is not world.text:
         return None
     if not _plain(settings):
         return None
     modules = [pipe.dit] + ([pipe.vae] if isinstance(pipe, LatentPipeline) else [])
-    return {"world": world.fingerprint, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(*modules),
-            "config": pipe.dit.cfg.to_dict(), "dtype": str(pipe.dtype), "device": str(pipe.device),
-            "prompts": _prompts_digest(prompts), "n_prompts": len(prompts), "settings": settings,
-            "threads": torch.get_num_threads(), "libraries": library_versions()}
+    return {**_context(world), "pipeline": type(pipe).__name__, **_model(*modules), "dtype": str(pipe.dtype),
+            "device": str(pipe.device), "prompts": _prompts_digest(prompts), "n_prompts": len(prompts),
+            "settings": settings}
 
 
 def _save(result: dict, path: Path) -> None:
@@ -89,22 +103,15 @@ def cached_evaluation(world, pipe, prompts: Sequence, settings: dict, compute: C
     key = evaluation_key(world, pipe, prompts, settings) if enabled() else None
     if key is None:
         return compute()
-    from ..cache import cached
-    return cached(NAME, key, 0, build_fn=compute, save_fn=_save, load_fn=lambda p: _load(p, reference),
-                  threads=torch.get_num_threads())
+    return _cached(NAME, key, compute, _save, lambda p: _load(p, reference))
 
 
 def cached_table(world, name: str, models: dict, params: dict, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """`compute()`'s table, cached under `name` by the world's and each model's weights and `params` (plain
     values); the floats come back exactly, the index with its name."""
-    from ..cache import cached, library_versions
-    from .world import weights_fingerprint
     if not enabled() or not _plain(params):
         return compute()
-    key = {"world": world.fingerprint, "params": params, "threads": torch.get_num_threads(),
-           "libraries": library_versions(),
-           "models": {label: {"weights": weights_fingerprint(m), "config": m.cfg.to_dict()}
-                      for label, m in models.items()}}
+    key = {**_context(world), "params": params, "models": {label: _model(m) for label, m in models.items()}}
 
     def save(df: pd.DataFrame, path: Path) -> None:
         split = df.to_dict("split")
@@ -116,5 +123,4 @@ def cached_table(world, name: str, models: dict, params: dict, compute: Callable
         df.index.name = d["index_name"]
         return df
 
-    return cached(f"toy_{name}", key, 0, build_fn=compute, save_fn=save, load_fn=load,
-                  threads=torch.get_num_threads())
+    return _cached(f"toy_{name}", key, compute, save, load)

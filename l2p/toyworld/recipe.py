@@ -95,10 +95,14 @@ BUDGET_FIELDS = ("steps", "eval_every", "corpus_size", "batch_size", "eval_promp
 RECIPE_CFG = {"release": None, "best": 1.0}
 
 
-def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> FinetuneConfig:
-    """A named recipe at `mode`'s scale (smoke keeps its tiny budget), with any fields changed."""
+def _known_recipe(recipe: str) -> None:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+
+
+def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> FinetuneConfig:
+    """A named recipe at `mode`'s scale (smoke keeps its tiny budget), with any fields changed."""
+    _known_recipe(recipe)
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(FINETUNE_MODES)}")
     fields = {k: v for k, v in RECIPES[recipe].items() if mode != "smoke" or k not in BUDGET_FIELDS}
@@ -112,8 +116,7 @@ def recipe_config(recipe: str = "best", mode: str = "full", **changes) -> Finetu
 
 def recipe_cfg(recipe: str, world: ToyWorld) -> float:
     """The guidance scale to sample `recipe`'s pixel model at (`RECIPE_CFG`, else the world's)."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    _known_recipe(recipe)
     return RECIPE_CFG.get(recipe) or world.cfg_scale
 
 
