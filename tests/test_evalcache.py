@@ -99,3 +99,37 @@ def test_a_cached_table_comes_back_exactly_and_follows_its_inputs(world, monkeyp
     readout.shape_readout(world, {"pixel": model}, **{**kw, "n_train": 20})
     readout.shape_readout(world, {"other name": model}, **kw)  # the column names are the labels: part of the key
     assert len(calls) == 2
+
+
+def test_the_per_sigma_probes_are_cached_exactly_and_lambdas_are_not(world, monkeypatch):
+    """denoising_error / denoising_checks (a two-level index) / velocity_error: a hit equals the fresh table."""
+    import pandas as pd
+    from l2p.toyworld.world import ToyWorld
+    from l2p.toyworld.recipe import FINETUNE_MODES, finetune
+    model = finetune(world, FINETUNE_MODES["smoke"], progress=False).model
+    probes = {"denoising_error": dict(n=4, seed=5), "denoising_checks": dict(n=4, seed=21),
+              "velocity_error": dict(n=4, seed=31, batch_size=2)}
+
+    def no_model_call(*a, **k):
+        raise AssertionError("a cache hit ran the models")
+
+    for name, kw in probes.items():
+        method = getattr(world, name)
+        fresh = method({"pixel": model}, sigmas=(0.2, 0.7), cache=False, **kw)
+        first = method({"pixel": model}, sigmas=(0.2, 0.7), **kw)
+        assert fresh.equals(first) and list(first.index.names) == list(fresh.index.names), name
+        with monkeypatch.context() as m:
+            m.setattr(ToyWorld, "_one_step_x0", no_model_call)
+            m.setattr(ToyWorld, "sample", no_model_call)
+            hit = method({"pixel": model}, sigmas=[0.2, 0.7], **kw)  # the same floats as a list: the same key
+        assert hit.equals(fresh) and hit.index.equals(fresh.index), name
+        assert list(hit.dtypes) == list(fresh.dtypes), name
+    assert isinstance(world.denoising_checks({"pixel": model}, sigmas=(0.2, 0.7), n=4, seed=21).index, pd.MultiIndex)
+
+    entries = lambda: {p.name for p in cache_dir().glob("toy_denoising_error-*")}  # noqa: E731
+    before = entries()
+    zero = lambda xs, t, feats: torch.zeros_like(xs)  # noqa: E731  (no weights to key: computed, not stored)
+    world.denoising_error({"zero": zero}, sigmas=(0.2,), n=4, seed=6)
+    assert entries() == before
+    world.denoising_error({"pixel": model}, sigmas=(0.2,), n=4, seed=6)  # a new setting: one new entry
+    assert len(entries() - before) == 1

@@ -108,19 +108,22 @@ def cached_evaluation(world, pipe, prompts: Sequence, settings: dict, compute: C
 
 def cached_table(world, name: str, models: dict, params: dict, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """`compute()`'s table, cached under `name` by the world's and each model's weights and `params` (plain
-    values); the floats come back exactly, the index with its name."""
-    if not enabled() or not _plain(params):
+    values); the floats come back exactly, the index (one level or several) with its names. Models that are
+    not the project's DiTs (a test's lambda) cannot be keyed: then the table is computed and not stored."""
+    if not enabled() or not _plain(params) or not all(hasattr(m, "cfg") and hasattr(m, "state_dict")
+                                                       for m in models.values()):
         return compute()
     key = {**_context(world), "params": params, "models": {label: _model(m) for label, m in models.items()}}
 
     def save(df: pd.DataFrame, path: Path) -> None:
         split = df.to_dict("split")
-        (path / "table.json").write_text(json.dumps({**split, "index_name": df.index.name}))
+        (path / "table.json").write_text(json.dumps({**split, "index_names": list(df.index.names)}))
 
     def load(path: Path) -> pd.DataFrame:
         d = json.loads((path / "table.json").read_text())
-        df = pd.DataFrame(d["data"], index=d["index"], columns=d["columns"])
-        df.index.name = d["index_name"]
-        return df
+        names = d.get("index_names") or [d.get("index_name")]  # one name in entries written before session 21
+        index = (pd.MultiIndex.from_tuples([tuple(i) for i in d["index"]], names=names) if len(names) > 1
+                 else pd.Index(d["index"], name=names[0]))
+        return pd.DataFrame(d["data"], index=index, columns=d["columns"])
 
     return _cached(f"toy_{name}", key, compute, save, load)

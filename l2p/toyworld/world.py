@@ -279,7 +279,7 @@ class ToyWorld:
             yield s, out
 
     def denoising_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
-                        n: int = 64, seed: int = 999) -> pd.DataFrame:
+                        n: int = 64, seed: int = 999, cache: bool = True) -> pd.DataFrame:
         """MSE of each model's one-step x̂0 against held-out ground truth, per noise level σ (conditional, no cfg).
 
         Columns: "identity" (x̂0 = x_σ, i.e. doing nothing), each pixel model, and the source LDM, whose x̂0
@@ -287,14 +287,18 @@ class ToyWorld:
         reference, the same at every σ). A pixel model above "identity" adds noise at that σ instead of
         removing it.
         """
-        images, captions = generate(n, seed, self.world)[:2]
-        x0, feats = to_tensor(images), self.text.encode_list(list(captions))
-        return pd.DataFrame([{"sigma": s, **{name: ((x - x0) ** 2).mean().item() for name, x in out.items()}}
-                             for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed)]
-                            ).set_index("sigma")
+        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
+        def compute() -> pd.DataFrame:
+            images, captions = generate(n, seed, self.world)[:2]
+            x0, feats = to_tensor(images), self.text.encode_list(list(captions))
+            return pd.DataFrame([{"sigma": s, **{name: ((x - x0) ** 2).mean().item() for name, x in out.items()}}
+                                 for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed)]
+                                ).set_index("sigma")
+
+        return self._probe("denoising_error", pixel_models, {"sigmas": sigmas, "n": n, "seed": seed}, compute, cache)
 
     def denoising_checks(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS, n: int = 100,
-                         seed: int = 4242) -> pd.DataFrame:
+                         seed: int = 4242, cache: bool = True) -> pd.DataFrame:
         """The judge on each model's one-step x̂0 of ground-truth renders, per σ: where is a shape lost?
 
         Rows (sigma, model); columns: each judge check's accuracy (shape, colour, …) and "overall", the
@@ -303,50 +307,65 @@ class ToyWorld:
         yet infer from the caption (near σ = 1, where a mean prediction is blurry by design).
         "identity" scores x_σ itself; "VAE reconstruction" bounds the source LDM at every σ.
         """
-        prompts = self.prompts(n, seed=seed)
-        x0 = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
-        feats = self.text.encode_list([p.text for p in prompts])
-        rows, recon = [], None
-        for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed):
-            for name, x in out.items():
-                if name == "VAE reconstruction" and recon is not None:  # the same images at every σ: judged once
-                    rows.append({**recon, "sigma": s})
-                    continue
-                scores = self.evaluator.score(x.clamp(-1, 1), prompts)
-                rows.append({"sigma": s, "model": name, **Evaluator.attribute_accuracy(scores),
-                             "overall": float(Evaluator.summary(scores).loc["overall", "accuracy"])})
-                recon = rows[-1] if name == "VAE reconstruction" else recon
-        return pd.DataFrame(rows).set_index(["sigma", "model"])
+        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
+        def compute() -> pd.DataFrame:
+            prompts = self.prompts(n, seed=seed)
+            x0 = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
+            feats = self.text.encode_list([p.text for p in prompts])
+            rows, recon = [], None
+            for s, out in self._one_step_x0(pixel_models, x0, feats, sigmas, seed):
+                for name, x in out.items():
+                    if name == "VAE reconstruction" and recon is not None:  # the same images at every σ: judged once
+                        rows.append({**recon, "sigma": s})
+                        continue
+                    scores = self.evaluator.score(x.clamp(-1, 1), prompts)
+                    rows.append({"sigma": s, "model": name, **Evaluator.attribute_accuracy(scores),
+                                 "overall": float(Evaluator.summary(scores).loc["overall", "accuracy"])})
+                    recon = rows[-1] if name == "VAE reconstruction" else recon
+            return pd.DataFrame(rows).set_index(["sigma", "model"])
+
+        return self._probe("denoising_checks", pixel_models, {"sigmas": sigmas, "n": n, "seed": seed}, compute, cache)
 
     def velocity_error(self, pixel_models: dict, sigmas: Sequence[float] = PROBE_SIGMAS,
-                       n: int = 200, seed: int = 77_777, batch_size: int = 50) -> pd.DataFrame:
+                       n: int = 200, seed: int = 77_777, batch_size: int = 50, cache: bool = True) -> pd.DataFrame:
         """Each pixel model's flow-matching loss (velocity MSE, conditional) per σ on held-out source renders.
 
         Unlike `denoising_error` the reference is what the models were trained on: the source LDM's samples for
         n captions the corpus never drew, noised with fresh ε. So it measures how well each denoises its own
         data, free of the ground truth's fine texture that a source-trained model is right to treat as noise.
         """
-        from ..flow import add_noise, flow_matching_loss
-        from ..schedule import dit_time
+        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
+        def compute() -> pd.DataFrame:
+            from ..flow import add_noise, flow_matching_loss
+            from ..schedule import dit_time
 
-        captions = list(generate(n, seed, self.world)[1])
-        with torch.no_grad():
-            x0 = self.sample(self.latent_pipeline(), captions, seed, batch_size).float()
-            feats = self.text.encode_list(captions)
-            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+            captions = list(generate(n, seed, self.world)[1])
+            with torch.no_grad():
+                x0 = self.sample(self.latent_pipeline(), captions, seed, batch_size).float()
+                feats = self.text.encode_list(captions)
+                eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
-            def loss(model, xs, t) -> float:  # the mean over all n images, in batches
-                total = 0.0
-                for k in range(0, n, batch_size):
-                    b = slice(k, k + batch_size)
-                    total += flow_matching_loss(model(xs[b], t[b], feats[b]), x0[b], eps[b]).item() * len(x0[b])
-                return total / n
+                def loss(model, xs, t) -> float:  # the mean over all n images, in batches
+                    total = 0.0
+                    for k in range(0, n, batch_size):
+                        b = slice(k, k + batch_size)
+                        total += flow_matching_loss(model(xs[b], t[b], feats[b]), x0[b], eps[b]).item() * len(x0[b])
+                    return total / n
 
-            rows = []
-            for s in sigmas:
-                xs, t = add_noise(x0, eps, s), dit_time(torch.full((n,), float(s)))
-                rows.append({"sigma": s, **{name: loss(m, xs, t) for name, m in pixel_models.items()}})
-        return pd.DataFrame(rows).set_index("sigma")
+                rows = []
+                for s in sigmas:
+                    xs, t = add_noise(x0, eps, s), dit_time(torch.full((n,), float(s)))
+                    rows.append({"sigma": s, **{name: loss(m, xs, t) for name, m in pixel_models.items()}})
+            return pd.DataFrame(rows).set_index("sigma")
+
+        params = {"sigmas": sigmas, "n": n, "seed": seed, "batch_size": batch_size}
+        return self._probe("velocity_error", pixel_models, params, compute, cache)
+
+    def _probe(self, name: str, pixel_models: dict, params: dict, compute, cache: bool) -> pd.DataFrame:
+        """A per-σ probe's table, loaded when done before with the same weights and settings
+        (`evalcache.cached_table`; `cache=False` computes it afresh)."""
+        from .evalcache import cached_table
+        return cached_table(self, name, pixel_models, params, compute) if cache else compute()
 
     def guidance_sweep(self, pipe, scales: Sequence[float], prompts: Optional[Sequence[Prompt]] = None,
                        seed: int = 0, **kw) -> pd.DataFrame:
