@@ -332,6 +332,21 @@ def test_quick_evaluator_reads_easy_attributes():
         assert acc[attr] >= 0.9, acc
 
 
+
+def test_side_by_side_puts_categories_overall_and_checks_of_several_frames_in_one_table():
+    import pandas as pd
+    a = pd.DataFrame({"category": ["single", "single", "colour"], "correct": [True, False, True],
+                      **{k: [True, None, False] for k in ("count", "shape", "color", "size", "position",
+                                                           "background", "objects", "relation")}})
+    b = a.assign(correct=[True, True, True], shape=[True, None, True],
+                 category=["single", "count", "count"])  # no "colour" rows, a category a lacks
+    t = Evaluator.side_by_side({"a": a, "b": b})
+    assert list(t.columns) == ["a", "b"] and list(t.index[:5]) == ["single", "colour", "count", "overall",
+                                                                   "check: count"]
+    assert t.loc["single", "a"] == 0.5 and t.loc["overall", "a"] == 0.75 and t.loc["overall", "b"] == 1.0
+    assert t.loc["check: shape", "a"] == 0.5 and t.loc["check: shape", "b"] == 1.0
+    assert pd.isna(t.loc["colour", "b"])
+
 @pytest.mark.slow
 def test_full_evaluator_accuracy_on_ground_truth():
     """The full-mode judge (from the cache, or trained: ~2–5 min) scores ≥ 0.95 on held-out ground truth."""

@@ -363,6 +363,18 @@ class Evaluator:
         return rows.groupby("objects").agg(shape=("shape", lambda s: s.dropna().astype(bool).mean()),
                                            correct=("correct", "mean"), n=("correct", "size"))
 
+    @staticmethod
+    def side_by_side(frames: dict) -> pd.DataFrame:
+        """Several score frames (label -> `score` rows) as one table: accuracy per category, "overall", then
+        every individual check ("check: shape", …); a row missing from a frame is NaN."""
+        cols = {}
+        for label, df in frames.items():
+            checks = Evaluator.attribute_accuracy(df)
+            cols[label] = pd.concat([Evaluator.summary(df)["accuracy"], checks.rename(lambda k: f"check: {k}")])
+        seen = list(dict.fromkeys(k for c in cols.values() for k in c.index))  # first-seen order, not sorted
+        categories = [k for k in seen if k != "overall" and not k.startswith("check: ")]
+        return pd.DataFrame(cols).reindex(categories + ["overall"] + [k for k in seen if k.startswith("check: ")])
+
     # ---- persistence ----
     def save(self, path: Union[str, Path]) -> None:
         """Weights (safetensors-free torch file) and configs as JSON."""
