@@ -123,8 +123,12 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
              "|---|---|---|---|---|---|---|---|"]
     for r in merged:
         links = f"[html]({r['stem']}.html) · [md]({r['stem']}.md) · [ipynb]({r['stem']}.ipynb)"
-        lines.append(f"| {r['stem']} | {r['status']} | {r.get('mode', '?')} | {r['seconds'] / 60:.1f} | "
+        lines.append(f"| {r['stem']} | {r['status']} | {r.get('mode', '?')} | {r['seconds'] / 60:.1f}{_busy_mark(r)} | "
                      f"`{r.get('commit', '?')}` | {r.get('date', '?')} | {world_cell(r)} | {links} |")
+    if any(_busy_mark(r) for r in merged):
+        lines += ["", f"⚠ other processes kept ≥ {BUSY_MARK} core(s) busy on average while that notebook ran "
+                  "(its `others_busy_cores` in index.json): its minutes, and any wall times among its figures, are "
+                  "not clean; the other figures do not depend on it."]
     envs: dict[str, list[str]] = {}
     for r in merged:
         envs.setdefault(r.get("environment") or "not recorded", []).append(r["stem"][:2])
@@ -139,6 +143,13 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+BUSY_MARK = 0.5  # cores kept busy by others, on average, from which a report's timings are marked as not clean
+
+
+def _busy_mark(row: dict) -> str:
+    return " ⚠" if (row.get("others_busy_cores") or 0) >= BUSY_MARK else ""
 
 
 def world_builds(row: dict) -> str:
@@ -180,6 +191,23 @@ def busy_cores(interval: float = 0.5) -> Optional[float]:
     if b is None or b[1] <= a[1]:
         return None
     return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)  # /proc/stat counts every CPU of the machine
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the notebook kernels papermill started and ended)."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def others_busy(machine_before, machine_after, own_seconds: float, wall: float) -> Optional[float]:
+    """Cores that other processes kept busy on average over `wall` s: the machine's busy CPU time (two
+    `_cpu_times()` readings, in /proc/stat ticks) less this run's own CPU seconds. None without /proc/stat."""
+    if machine_before is None or machine_after is None or wall <= 0:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = (machine_after[0] - machine_before[0]) / ticks
+    return max(0.0, (busy - own_seconds) / wall)
 
 
 def busy_cores_note(threads: int) -> Optional[str]:
@@ -240,7 +268,7 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         summary.unlink(missing_ok=True)
         os.environ[SUMMARY_ENV] = str(summary)
         print(f"[{i}/{len(nbs)}] {nb.name} ({mode}) …", flush=True)
-        t0 = time.time()
+        t0, cpu0, own0 = time.time(), _cpu_times(), _own_cpu_seconds()
         extra = "".join(f", {k}={v}" for k, v in (parameters or {}).items())
         row = {"stem": nb.stem, "status": "ok", "mode": mode + extra, "commit": _commit(),
                "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "environment": environment()}
@@ -253,6 +281,9 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
             row.update(status="FAILED", error=f"{type(e).__name__}: {e}"[:4000])
             failed = nb.name
         row["seconds"] = time.time() - t0
+        others = others_busy(cpu0, _cpu_times(), _own_cpu_seconds() - own0, row["seconds"])
+        if others is not None:
+            row["others_busy_cores"] = round(others, 2)
         if (out / nb.name).exists():
             export(out / nb.name)
         row["summary"] = json.loads(summary.read_text()) if summary.exists() else {}

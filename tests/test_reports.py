@@ -76,6 +76,9 @@ def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
     index = (tmp_path / "out" / "README.md").read_text()
     assert "| 00_case | ok |" in index and "| 01_case | FAILED |" in index and "02_case" not in index.split("## ")[0]
     assert "boom" in index
+    rows = json.loads((tmp_path / "out" / "index.json").read_text())
+    if Path("/proc/stat").exists():  # each run records how busy other processes kept the machine
+        assert all(r["others_busy_cores"] >= 0 for r in rows)
 
 
 def test_export_leaves_no_images_from_older_runs(tmp_path):
@@ -131,6 +134,23 @@ def test_busy_cores_counts_the_non_idle_share_of_cpu_time(monkeypatch):
     monkeypatch.setattr(reports.os, "cpu_count", lambda: 2)
     assert reports.busy_cores(interval=0) == pytest.approx(200 / 300 * 2)
     assert reports._parse_cpu_line("cpu  1 2 3 4 5 6 7 8 9 10") == (1 + 2 + 3 + 6 + 7 + 8, 36)
+
+
+def test_a_report_timed_beside_other_work_is_marked_in_the_index(tmp_path, monkeypatch):
+    """Machine busy time less the run's own CPU time, per wall second: cores others kept busy."""
+    from l2p import reports
+    monkeypatch.setattr(reports.os, "sysconf", lambda name: 100)  # ticks per second
+    # 60 s of wall time; the machine was busy for 100 s, 40 of them this run's own: 1 core for others
+    assert reports.others_busy((1000, 5000), (11000, 17000), 40.0, 60.0) == pytest.approx(1.0)
+    assert reports.others_busy((1000, 5000), (3000, 17000), 40.0, 60.0) == 0.0  # never below zero
+    assert reports.others_busy(None, (3000, 17000), 40.0, 60.0) is None
+    rows = [{"stem": "00_a", "status": "ok", "seconds": 60, "others_busy_cores": 1.0},
+            {"stem": "01_b", "status": "ok", "seconds": 60, "others_busy_cores": 0.1},
+            {"stem": "02_c", "status": "ok", "seconds": 60}]  # an older row: nothing recorded, no mark
+    monkeypatch.setattr(reports, "notebooks", lambda only=None: [])
+    index = reports.write_index(tmp_path, rows, "full").read_text()
+    assert "| 00_a | ok | ? | 1.0 ⚠ |" in index and "| 01_b | ok | ? | 1.0 |" in index
+    assert "| 02_c | ok | ? | 1.0 |" in index and "⚠ other processes kept" in index
 
 
 def test_notebook_parameters_from_the_command_line_are_literals_where_they_read_as_one():
