@@ -287,8 +287,7 @@ class ToyWorld:
         reference, the same at every σ). A pixel model above "identity" adds noise at that σ instead of
         removing it.
         """
-        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
-        def compute() -> pd.DataFrame:
+        def compute(sigmas: list[float]) -> pd.DataFrame:
             images, captions = generate(n, seed, self.world)[:2]
             x0, feats = to_tensor(images), self.text.encode_list(list(captions))
             return pd.DataFrame([{"sigma": s, **{name: ((x - x0) ** 2).mean().item() for name, x in out.items()}}
@@ -307,8 +306,7 @@ class ToyWorld:
         yet infer from the caption (near σ = 1, where a mean prediction is blurry by design).
         "identity" scores x_σ itself; "VAE reconstruction" bounds the source LDM at every σ.
         """
-        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
-        def compute() -> pd.DataFrame:
+        def compute(sigmas: list[float]) -> pd.DataFrame:
             prompts = self.prompts(n, seed=seed)
             x0 = to_tensor(np.stack([render(p.scene, self.image_size) for p in prompts]))
             feats = self.text.encode_list([p.text for p in prompts])
@@ -334,8 +332,7 @@ class ToyWorld:
         n captions the corpus never drew, noised with fresh ε. So it measures how well each denoises its own
         data, free of the ground truth's fine texture that a source-trained model is right to treat as noise.
         """
-        sigmas = [float(s) for s in sigmas]  # as the cache's key and JSON hold them
-        def compute() -> pd.DataFrame:
+        def compute(sigmas: list[float]) -> pd.DataFrame:
             from ..flow import add_noise, flow_matching_loss
             from ..schedule import dit_time
 
@@ -362,10 +359,14 @@ class ToyWorld:
         return self._probe("velocity_error", pixel_models, params, compute, cache)
 
     def _probe(self, name: str, pixel_models: dict, params: dict, compute, cache: bool) -> pd.DataFrame:
-        """A per-σ probe's table, loaded when done before with the same weights and settings
+        """`compute(sigmas)`, a per-σ probe's table, loaded when done before with the same weights and settings
         (`evalcache.cached_table`; `cache=False` computes it afresh)."""
         from .evalcache import cached_table
-        return cached_table(self, name, pixel_models, params, compute) if cache else compute()
+        sigmas = [float(s) for s in params["sigmas"]]  # as the cache's key and JSON hold them
+        params = {**params, "sigmas": sigmas}
+        if not cache:
+            return compute(sigmas)
+        return cached_table(self, name, pixel_models, params, lambda: compute(sigmas))
 
     def guidance_sweep(self, pipe, scales: Sequence[float], prompts: Optional[Sequence[Prompt]] = None,
                        seed: int = 0, **kw) -> pd.DataFrame:
