@@ -236,12 +236,14 @@ def busy_cores_note(threads: int) -> Optional[str]:
 
 
 def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[str]] = None,
-        timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: Optional[int] = None) -> list[dict]:
+        timeout: Optional[int] = None, parameters: Optional[dict] = None, jobs: Optional[int] = None,
+        order: str = "longest") -> list[dict]:
     """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
 
     With jobs > 1, first train the fine-tuning runs the notebooks will ask for in that many worker
     processes (`toyworld.prebuild`); the notebooks then load them from the cache. None: one worker per
-    core in full mode (`prebuild.auto_jobs`), none in smoke mode.
+    core in full mode (`prebuild.auto_jobs`), none in smoke mode. `order`: which runs the workers take up
+    first (`prebuild.order_runs`).
     """
     import papermill as pm
 
@@ -261,7 +263,8 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         from .toyworld.prebuild import prebuild
         if parameters:
             print(f"note: prebuild plans the runs of the notebooks' default parameters, not {parameters}")
-        done = prebuild(mode, jobs, notebooks=[nb.stem for nb in nbs], log=lambda m: print(m, flush=True))
+        done = prebuild(mode, jobs, notebooks=[nb.stem for nb in nbs], log=lambda m: print(m, flush=True),
+                        order=order)
         print(f"prebuild: {done['built']} run(s) in {done['minutes']:.1f} min", flush=True)
     for i, nb in enumerate(nbs, 1):
         summary = out / f"{nb.stem}.summary.json"
@@ -311,6 +314,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="train the notebooks' fine-tuning runs first in this many parallel workers, each on "
                         "L2P_RUN_THREADS threads (1), at most cores ÷ threads; 1: the notebooks train them "
                         "one by one; auto (default): one per core in full mode, 1 in smoke mode")
+    p.add_argument("--order", choices=["longest", "shortest", "plan"], default="longest",
+                   help="which runs the workers train first: longest (default; the shortest wall time), shortest "
+                        "(the most runs cached early, for a session that may be cut off) or plan (planned order)")
     p.add_argument("--plan", action="store_true",
                    help="print which fine-tuning runs are cached and an estimate of what is left, then exit")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -345,7 +351,7 @@ def _main(a) -> int:
         print(plan_summary(plan_table(a.mode, nbs), a.jobs or auto_jobs(a.mode)))
         return 0
     params = dict(_param(kv) for kv in a.param)
-    run(a.mode, a.out, a.only, a.timeout, params or None, a.jobs)
+    run(a.mode, a.out, a.only, a.timeout, params or None, a.jobs, a.order)
     return 0
 
 

@@ -243,3 +243,65 @@ def test_the_plan_table_says_what_is_cached_and_estimates_the_rest(tmp_path, mon
     assert prebuild.plan_table("smoke", threads=2).minutes.isna()[2]
     # the smoke world is not built in this empty cache: the summary says so, naming its pieces
     assert "worlds: 0 of 1 built" in text and "the world of 04 · x: a (toy VAE, judge, source LDM)" in text
+
+
+def _timed_runs():
+    """Five smoke runs: three with minutes (a cached run of their budget would give them), two without."""
+    spec, base = prebuild.SPECS["smoke"], recipe.FINETUNE_MODES["smoke"]
+    runs = {name: prebuild.PlannedRun(spec, base.replace(**kw), f"04 · {name}, seed 0") for name, kw in
+            [("a", dict(steps=100)), ("b", dict(steps=400)), ("c", dict(steps=200)), ("d", dict(steps=100,
+             latent_loss=1.0)), ("e", dict(steps=300))]}
+    minutes = {runs["a"].label: 10.0, runs["c"].label: 20.0, runs["e"].label: 60.0, runs["b"].label: float("nan")}
+    return list(runs.values()), minutes
+
+
+def test_runs_are_ordered_by_their_estimated_minutes_and_the_rest_by_their_work():
+    runs, minutes = _timed_runs()
+    names = lambda rs: [r.label.split(" ")[2].rstrip(",") for r in rs]  # "04 · b, seed 0" → "b"
+    # a, c: 0.1 min per step; e: 0.2. Untimed b (400 steps) ~ 40 min at the median rate, d (100 steps with a
+    # latent loss, 1.9×) ~ 19 min
+    assert names(prebuild.order_runs(runs, "longest", minutes)) == ["e", "b", "c", "d", "a"]
+    assert names(prebuild.order_runs(runs, "shortest", minutes)) == ["a", "d", "c", "b", "e"]
+    assert names(prebuild.order_runs(runs, "plan", minutes)) == ["a", "b", "c", "d", "e"]
+    # nothing timed: by work alone
+    assert names(prebuild.order_runs(runs, "longest")) == ["b", "e", "c", "d", "a"]
+    with pytest.raises(ValueError, match="order must be one of.*'fastest'"):
+        prebuild.order_runs(runs, "fastest")
+
+
+@pytest.mark.parametrize("order", ["longest", "shortest", "plan"])
+def test_prebuild_hands_the_workers_their_runs_in_the_order_asked(tmp_path, monkeypatch, order):
+    from concurrent.futures import Future
+    from l2p import reports
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path))  # nothing cached: every run is to train
+    runs, minutes = _timed_runs()
+    monkeypatch.setattr(prebuild, "planned_runs", lambda mode: runs)
+    monkeypatch.setattr(prebuild, "available_cores", lambda: 2)
+    monkeypatch.setattr(prebuild, "_prepare", lambda todo, log: None)
+    monkeypatch.setattr(prebuild, "plan_table", lambda mode, notebooks=None: pd.DataFrame(
+        {"run": [r.label for r in runs], "minutes": [minutes.get(r.label) for r in runs], "cached": False}))
+    submitted = []
+
+    class Pool:  # runs nothing: records what is handed over, in order
+        def __init__(self, *a, **k):
+            pass
+
+        def submit(self, fn, run):
+            submitted.append(run.label)
+            fut = Future()
+            fut.set_result((run, 0.0))
+            return fut
+
+        def shutdown(self, **k):
+            pass
+    monkeypatch.setattr(prebuild, "ProcessPoolExecutor", Pool)
+    logged = []
+    prebuild.prebuild("smoke", jobs=2, log=logged.append, order=order)
+    assert submitted == [r.label for r in prebuild.order_runs(runs, order, minutes)]
+    assert ("first" in logged[0]) == (order != "plan")
+    # the command line offers the same orders, longest first by default
+    import argparse
+    ap = argparse.ArgumentParser()
+    reports._args(ap)
+    action = next(a for a in ap._actions if a.dest == "order")
+    assert tuple(action.choices) == prebuild.ORDERS and action.default == "longest"
