@@ -305,3 +305,12 @@ def test_prebuild_hands_the_workers_their_runs_in_the_order_asked(tmp_path, monk
     reports._args(ap)
     action = next(a for a in ap._actions if a.dest == "order")
     assert tuple(action.choices) == prebuild.ORDERS and action.default == "longest"
+
+
+def test_the_time_left_counts_a_long_run_left_over_at_the_end():
+    assert prebuild.finish_minutes([60, 10, 10, 10], jobs=2) == 60  # longest first: the others fill the other worker
+    assert prebuild.finish_minutes([10, 10, 10, 60], jobs=2) == 70  # started last, it runs alone (sum / 2 is 45)
+    assert prebuild.finish_minutes([10, 20, 30], jobs=1) == 60 and prebuild.finish_minutes([], jobs=3) == 0
+    df = pd.DataFrame({"notebook": "04", "run": [f"04 · x: a, seed {s}" for s in range(4)], "cached": False,
+                       "minutes": [10.0, 60.0, 10.0, 10.0], "basis": "1 thread(s)", "world": "w", "world_missing": ""})
+    assert "04: 0 of 4 runs cached; ~90 run-min left, roughly 60 min on 2 worker(s)" in prebuild.plan_summary(df, 2, 1)

@@ -111,7 +111,8 @@ def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int) -> str:
     if not len(left) or left.minutes.isna().all():
         return ""
     unknown = int(left.minutes.isna().sum())
-    return f"~{left.minutes.sum() / jobs:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
+    wall = finish_minutes(sorted(left.minutes.dropna(), reverse=True), jobs)
+    return f"~{wall:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
 def _of(label: str, notebooks: Optional[list[str]]) -> bool:
@@ -152,6 +153,16 @@ def order_runs(runs: list[PlannedRun], order: str, minutes: Optional[dict] = Non
     def cost(r: PlannedRun) -> float:
         return minutes.get(r.label, _work(r.config) * rate)
     return sorted(runs, key=cost, reverse=order == "longest")  # stable: ties keep the plan's order
+
+
+def finish_minutes(minutes: list[float], jobs: int) -> float:
+    """When `jobs` workers, each taking the next run as it frees up, finish runs of these `minutes` in this
+    order: more than sum / jobs where one long run is left over at the end."""
+    free = [0.0] * max(1, jobs)
+    for m in minutes:
+        i = free.index(min(free))
+        free[i] += m
+    return max(free)
 
 
 def auto_jobs(mode: str = "full") -> int:
@@ -289,10 +300,11 @@ def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> 
         unknown = int(left.minutes.isna().sum())
         other = int((left.basis == "other threads").sum())
         est = left.minutes.sum()
+        wall = finish_minutes(sorted(left.minutes.dropna(), reverse=True), jobs)  # longest first, as prebuild
         tail = f"; {unknown} of unknown cost (no cached run of their budget)" if unknown else ""
         tail += f"; {other} estimated from runs on another thread count" if other else ""
         lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
-                     f"{est / max(1, jobs):.0f} min on {jobs} worker(s){tail}")
+                     f"{wall:.0f} min on {jobs} worker(s){tail}")
     # a world is named by its first run's label without the seed: "07 · fine grid"
     worlds = df.groupby("world", sort=False).agg(missing=("world_missing", "first"), first=("run", "first"))
     unbuilt = worlds[worlds.missing != ""]
