@@ -111,7 +111,7 @@ def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int) -> str:
     if not len(left) or left.minutes.isna().all():
         return ""
     unknown = int(left.minutes.isna().sum())
-    wall = finish_minutes(sorted(left.minutes.dropna(), reverse=True), jobs)
+    wall = _longest_first(left.minutes, jobs)
     return f"~{wall:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
@@ -165,6 +165,11 @@ def finish_minutes(minutes: list[float], jobs: int) -> float:
     return max(free)
 
 
+def _longest_first(minutes: pd.Series, jobs: int) -> float:
+    """`finish_minutes` of the runs with an estimate, longest first, as `prebuild` orders them by default."""
+    return finish_minutes(sorted(minutes.dropna(), reverse=True), jobs)
+
+
 def auto_jobs(mode: str = "full") -> int:
     """Workers `--jobs auto` uses: one per `run_threads()` cores in full mode; 1 in smoke mode, whose runs take
     seconds, less than starting a worker."""
@@ -209,11 +214,11 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
         jobs = fit
     plan = _planned(mode, notebooks)
     todo = [r for r in plan if not r.cached()]
-    if order != "plan" and len(todo) > 1:
+    minutes = {}
+    if order != "plan" and len(todo) > 1:  # the estimates read every run's cache entry: only when they matter
         est = plan_table(mode, notebooks)
-        todo = order_runs(todo, order, dict(zip(est.run, est.minutes)))
-    else:
-        order_runs(todo, order)  # still checks the name
+        minutes = dict(zip(est.run, est.minutes))
+    todo = order_runs(todo, order, minutes)
     total = len(plan)
     log(f"prebuild ({mode}): {total - len(todo)} of {total} runs cached; training {len(todo)} "
         f"with {jobs} worker(s) × {threads} thread(s)" + (f", {order} first" if order != "plan" else ""))
@@ -300,7 +305,7 @@ def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> 
         unknown = int(left.minutes.isna().sum())
         other = int((left.basis == "other threads").sum())
         est = left.minutes.sum()
-        wall = finish_minutes(sorted(left.minutes.dropna(), reverse=True), jobs)  # longest first, as prebuild
+        wall = _longest_first(left.minutes, jobs)
         tail = f"; {unknown} of unknown cost (no cached run of their budget)" if unknown else ""
         tail += f"; {other} estimated from runs on another thread count" if other else ""
         lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
