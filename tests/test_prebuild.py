@@ -314,3 +314,35 @@ def test_the_time_left_counts_a_long_run_left_over_at_the_end():
     df = pd.DataFrame({"notebook": "04", "run": [f"04 · x: a, seed {s}" for s in range(4)], "cached": False,
                        "minutes": [10.0, 60.0, 10.0, 10.0], "basis": "1 thread(s)", "world": "w", "world_missing": ""})
     assert "04: 0 of 4 runs cached; ~90 run-min left, roughly 60 min on 2 worker(s)" in prebuild.plan_summary(df, 2, 1)
+
+
+def test_a_run_in_training_counts_only_what_it_has_left(monkeypatch):
+    labels = [f"04 · x: a, seed {s}" for s in range(3)]
+    monkeypatch.setattr(prebuild, "plan_table", lambda mode, notebooks=None: pd.DataFrame(
+        {"run": labels, "minutes": [40.0, 40.0, 10.0], "cached": False}))
+    assert prebuild._time_left("full", None, 2) == "~50 min left"  # 40 | 40 + 10
+    now = 10_000.0
+    # both 40-min runs 30 min in: 10 left each, then the 10-min run on one worker
+    started = {labels[0]: now - 30 * 60, labels[1]: now - 30 * 60}
+    assert prebuild._time_left("full", None, 2, started, now=now) == "~20 min left"
+    started[labels[1]] = now - 90 * 60  # past its estimate: about to finish, not negative
+    assert prebuild._time_left("full", None, 2, started, now=now) == "~10 min left"
+
+
+def test_the_workers_start_times_are_kept_apart_from_their_log_lines(monkeypatch):
+    import queue
+
+    from l2p.toyworld import recipe, world
+    q, logged, started = queue.Queue(), [], {}
+    q.put("    04 · x: step 0/1500")
+    q.put(prebuild._Started("04 · x", 123.0))
+    prebuild._relay(q, logged.append, started=started)
+    assert logged == ["    04 · x: step 0/1500"] and started == {"04 · x": 123.0}
+    # a worker announces a run before it trains it
+    run = prebuild.planned_runs("smoke")[0]
+    monkeypatch.setattr(recipe, "finetune", lambda *a, **k: None)
+    monkeypatch.setattr(world, "build_toy_world", lambda **k: None)
+    monkeypatch.setattr(prebuild, "_heartbeat", q)
+    prebuild._build(run)
+    prebuild._relay(q, logged.append, started=started)
+    assert run.label in started and len(logged) == 1

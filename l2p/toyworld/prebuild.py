@@ -91,27 +91,49 @@ def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
     from .world import build_toy_world
     t0 = time.perf_counter()
     log = None if _heartbeat is None else (lambda m: _heartbeat.put(f"    {run.label}: {m}"))
+    if _heartbeat is not None:  # the main process counts a run in training by what it has left, not whole
+        _heartbeat.put(_Started(run.label, time.time()))
     finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False, log=log)
     return run, time.perf_counter() - t0
 
 
-def _relay(queue, log, timeout: float = 0.0) -> None:
-    """Pass the workers' progress lines on to `log`."""
+@dataclass(frozen=True)
+class _Started:
+    """A worker's word that it has begun training a run (wall-clock `time.time()`)."""
+
+    label: str
+    at: float
+
+
+def _relay(queue, log, timeout: float = 0.0, started: Optional[dict] = None) -> None:
+    """Pass the workers' progress lines on to `log`, and their start times into `started` (label → time)."""
     while True:
         try:
-            log(queue.get(timeout=timeout) if timeout else queue.get_nowait())
+            item = queue.get(timeout=timeout) if timeout else queue.get_nowait()
         except Empty:
             return
+        if isinstance(item, _Started):
+            if started is not None:
+                started[item.label] = item.at
+        else:
+            log(item)
 
 
-def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int) -> str:
-    """"~N min left": the plan's estimate for the runs not cached yet over `jobs` workers (runs in training count
-    whole, so it runs high by up to a run); "" where no run has an estimate."""
+def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int, started: Optional[dict] = None,
+               now: Optional[float] = None) -> str:
+    """"~N min left": when `jobs` workers finish the runs not cached yet, by the plan's estimates; a run in
+    training (`started`: label → its start, `time.time()`) counts only what it has left. "" where no run has an
+    estimate."""
     left = plan_table(mode, notebooks).query("not cached")
     if not len(left) or left.minutes.isna().all():
         return ""
     unknown = int(left.minutes.isna().sum())
-    wall = _longest_first(left.minutes, jobs)
+    now = time.time() if now is None else now
+    training = left.run.isin(list(started or {}))
+    # a run past its estimate is taken to be about to finish
+    busy = [max(0.0, m - (now - started[r]) / 60) for r, m in zip(left.run[training], left.minutes[training])
+            if m == m]
+    wall = finish_minutes(busy[:jobs] + sorted(left.minutes[~training].dropna(), reverse=True), jobs)
     return f"~{wall:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
@@ -233,14 +255,15 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
         heartbeat = ctx.Queue()
         pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(heartbeat,))
         try:
-            pending, i = {pool.submit(_build, r) for r in todo}, 0
+            pending, i, started = {pool.submit(_build, r) for r in todo}, 0, {}
             while pending:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                _relay(heartbeat, log)
+                _relay(heartbeat, log, started=started)
                 for fut in finished:
                     run, sec = fut.result()  # a failed run stops the prebuild with its error
                     i += 1
-                    left = _time_left(mode, notebooks, jobs) if pending else ""
+                    started.pop(run.label, None)
+                    left = _time_left(mode, notebooks, jobs, started) if pending else ""
                     log(f"  [{i}/{len(todo)}] {run.label} ({sec / 60:.1f} min, {(time.perf_counter() - t0) / 60:.0f} "
                         f"min in{', ' + left if left else ''})")
         finally:  # on an error or Ctrl-C, start nothing new; finished runs stay cached
