@@ -85,24 +85,25 @@ def _init_worker(queue) -> None:
     _heartbeat = queue
 
 
-def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
-    """Worker: train one run into the cache (or load it, if another process got there first)."""
-    from .recipe import finetune
-    from .world import build_toy_world
-    t0 = time.perf_counter()
-    log = None if _heartbeat is None else (lambda m: _heartbeat.put(f"    {run.label}: {m}"))
-    if _heartbeat is not None:  # the main process counts a run in training by what it has left, not whole
-        _heartbeat.put(_Started(run.label, time.time()))
-    finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False, log=log)
-    return run, time.perf_counter() - t0
-
-
 @dataclass(frozen=True)
 class _Started:
     """A worker's word that it has begun training a run (wall-clock `time.time()`)."""
 
     label: str
     at: float
+
+
+def _build(run: PlannedRun) -> tuple[PlannedRun, float]:
+    """Worker: train one run into the cache (or load it, if another process got there first)."""
+    from .recipe import finetune
+    from .world import build_toy_world
+    t0 = time.perf_counter()
+    log = None
+    if _heartbeat is not None:  # the main process counts a run in training by what it has left, not whole
+        _heartbeat.put(_Started(run.label, time.time()))
+        log = lambda m: _heartbeat.put(f"    {run.label}: {m}")  # noqa: E731
+    finetune(build_toy_world(spec=run.world, progress=False), run.config, progress=False, log=log)
+    return run, time.perf_counter() - t0
 
 
 def _relay(queue, log, timeout: float = 0.0, started: Optional[dict] = None) -> None:
@@ -133,7 +134,7 @@ def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int, started: Op
     # a run past its estimate is taken to be about to finish
     busy = [max(0.0, m - (now - started[r]) / 60) for r, m in zip(left.run[training], left.minutes[training])
             if m == m]
-    wall = finish_minutes(busy[:jobs] + sorted(left.minutes[~training].dropna(), reverse=True), jobs)
+    wall = _longest_first(left.minutes[~training], jobs, busy=busy[:jobs])
     return f"~{wall:.0f} min left" + (f" and {unknown} run(s) of unknown cost" if unknown else "")
 
 
@@ -187,9 +188,10 @@ def finish_minutes(minutes: list[float], jobs: int) -> float:
     return max(free)
 
 
-def _longest_first(minutes: pd.Series, jobs: int) -> float:
-    """`finish_minutes` of the runs with an estimate, longest first, as `prebuild` orders them by default."""
-    return finish_minutes(sorted(minutes.dropna(), reverse=True), jobs)
+def _longest_first(minutes: pd.Series, jobs: int, busy: list[float] = ()) -> float:
+    """`finish_minutes` of the runs with an estimate, longest first, as `prebuild` orders them by default, after
+    the `busy` minutes (≤ jobs) the workers still have on the runs they are training."""
+    return finish_minutes(list(busy) + sorted(minutes.dropna(), reverse=True), jobs)
 
 
 def auto_jobs(mode: str = "full") -> int:
