@@ -322,3 +322,35 @@ def test_guidance_table_scores_each_final_model_and_the_source_at_each_scale():
     finally:
         del world.guidance_sweep
     assert sizes == [12, 12, 12] and list(more.index.get_level_values("variant")) == variants
+
+
+def test_the_notebook_helpers_summarise_introduce_and_plot_from_the_tables():
+    """04's summary, headings and guidance plot come from the package and carry the tables' own values."""
+    from l2p.toyworld.ablations import introduce, plot_guidance, summarize_guidance, summary_table
+    tables = {"one": final_table(curves({"a": [0.3, 0.5], "b": [0.1, 0.2]})),
+              "two": final_table(curves({"c": [0.6, 0.6, 0.9]}))}
+    s = summary_table(tables)
+    assert list(zip(s.experiment, s.variant)) == [("one", "a"), ("one", "b"), ("two", "c")]
+    assert s["toy-GenEval"].tolist() == pytest.approx([0.4, 0.15, 0.7]) and s.seeds.tolist() == [2, 2, 3]
+    exp = get_experiment("transfer")
+    text = introduce(exp, variant_config(exp, {}, "full", 0), 0.6304)
+    assert text.startswith("## transfer\n") and exp.question in text and exp.claim in text
+    assert "1500 steps × batch 32" in text and "source LDM on those prompts: 0.630" in text
+    rows = pd.DataFrame([{"variant": v, "cfg": c, "seed": s, "geneval": g + 0.01 * s, "fid": 100.0}
+                         for v, g in (("source LDM", 0.6), ("pixel", 0.5)) for c in (1.0, 3.0) for s in (0, 1)])
+    fig = plot_guidance(summarize_guidance(rows))
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["source LDM", "pixel"]
+        assert [tuple(line.get_xdata()) for line in ax.get_lines()[::3]][:2] == [(1.0, 3.0), (1.0, 3.0)]
+    assert fig.axes[0].get_lines()[0].get_ydata().tolist() == pytest.approx([0.605, 0.605])
+
+
+def test_the_source_is_judged_on_the_runs_own_prompts_and_seed():
+    from types import SimpleNamespace
+
+    from l2p.toyworld.recipe import EVAL_SEED, FinetuneConfig, evaluate_source
+    calls = []
+    world = SimpleNamespace(latent_pipeline=lambda: "latent", prompts=lambda n, seed: ("prompts", n, seed),
+                            evaluate=lambda pipe, prompts, seed: calls.append((pipe, prompts, seed)) or {})
+    evaluate_source(world, FinetuneConfig(eval_prompts=12, seed=2))
+    assert calls == [("latent", ("prompts", 12, EVAL_SEED), 2)]

@@ -253,6 +253,19 @@ def best_guidance(table: pd.DataFrame) -> pd.DataFrame:
                           "geneval std": table.loc[idx, "geneval std"]} for v, idx in best.items()]).set_index("variant")
 
 
+def plot_guidance(table: pd.DataFrame, title: str = "final models") -> Figure:
+    """toy-GenEval and toy-FID against the cfg scale, one line per variant (mean ± std), from `guidance_table`."""
+    fig = Figure(figsize=(9, 3), layout="constrained")
+    for ax, key in zip(fig.subplots(1, 2), ("geneval", "fid")):
+        for variant, g in table.groupby(level="variant", sort=False):
+            g = g.droplevel("variant")
+            ax.errorbar(g.index, g[f"{key} mean"], yerr=g[f"{key} std"].fillna(0), fmt="o-", capsize=3, label=variant)
+        ax.set_xlabel("cfg scale")
+        ax.set_title(f"toy-{'GenEval' if key == 'geneval' else 'FID'}, {title}")
+        ax.legend(fontsize=7)
+    return fig
+
+
 def final_samples(runs: dict, title: str = "final samples, seed 0 (one row per variant)") -> Figure:
     """The last evaluation's first 8 samples of each run, a row per run (same prompts and seeds in each row)."""
     from .. import viz
@@ -270,6 +283,13 @@ def final_table(curves: pd.DataFrame) -> pd.DataFrame:
     agg.columns = [f"{a} {b}" for a, b in agg.columns]
     agg["seeds"] = last.groupby("variant").seed.nunique().reindex(order)
     return agg
+
+
+def summary_table(tables: dict) -> pd.DataFrame:
+    """Every experiment's variants in one table, from {experiment name: `final_table`}."""
+    return pd.DataFrame([{"experiment": name, "variant": v, "toy-GenEval": t.loc[v, "geneval mean"],
+                          "± std": t.loc[v, "geneval std"], "toy-FID": t.loc[v, "fid mean"], "seeds": t.loc[v, "seeds"]}
+                         for name, t in tables.items() for v in t.index])
 
 
 def steps_to_reach(curves: pd.DataFrame, threshold: float, metric: str = "geneval") -> pd.DataFrame:
@@ -308,6 +328,14 @@ def plot_final(table: pd.DataFrame, metric: str = "geneval", title: str = "") ->
     ax.set_ylabel(f"toy-{'GenEval' if metric == 'geneval' else metric}")
     ax.set_title(title)
     return fig
+
+
+def introduce(exp: Experiment, budget: FinetuneConfig, source_geneval: float) -> str:
+    """An experiment's heading in Markdown: its question, the paper's claim and the budget of its runs."""
+    return (f"## {exp.name}\n**Question.** {exp.question}\n\n**Paper.** {exp.claim}\n\n"
+            f"**Budget.** {budget.steps} steps × batch {budget.batch_size} per run, evaluated every "
+            f"{budget.eval_every} steps on {budget.eval_prompts} prompts; source LDM on those prompts: "
+            f"{source_geneval:.3f}")
 
 
 def _ms(table: pd.DataFrame, v: str, metric: str = "geneval") -> str:

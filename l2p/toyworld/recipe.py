@@ -273,6 +273,11 @@ def evaluate_pixel(world: ToyWorld, model: ZImageDiT, cfg: FinetuneConfig, cache
                           seed=cfg.seed, image_size=cfg.image_size, shift=cfg.shift, cache=cache)
 
 
+def evaluate_source(world: ToyWorld, cfg: FinetuneConfig) -> dict:
+    """The source LDM judged as a run with `cfg` is: on its evaluation prompts and seed, so the two compare."""
+    return world.evaluate(world.latent_pipeline(), world.prompts(cfg.eval_prompts, seed=EVAL_SEED), seed=cfg.seed)
+
+
 def finetune(world: ToyWorld, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
              log: Optional[Callable[[str], None]] = None) -> FinetuneRun:
     """Fine-tune the converted toy model (cached by config): L2P's step 3, plus the merge of step 4.
