@@ -247,6 +247,23 @@ def spectra_figure(trajs: Mapping[str, Trajectory], which: str = "x0_pixels", re
     return fig
 
 
+def spectral_distance_figure(trajs: Mapping[str, Trajectory], reference, which: str = "x0_pixels"
+                             ) -> tuple[Figure, dict[str, np.ndarray]]:
+    """Each trajectory's `spectral_distance_over_steps` against σ, and the distances {name: (S,)} behind it."""
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    dists = {}
+    for name, tr in trajs.items():
+        dists[name] = spectral_distance_over_steps(tr, reference, which)
+        ax.plot(tr.step_sigmas.numpy(), dists[name], "o-", label=name)
+    ax.invert_xaxis()  # sampling runs left to right, from noise towards clean
+    ax.set_xlabel("σ (sampling runs left to right, towards clean)")
+    ax.set_ylabel("spectral distance (decades)")
+    ax.set_title("x̂0 spectrum vs ground-truth renders")
+    ax.legend(fontsize=8)
+    return fig, dists
+
+
 # ----------------------------------------------------------------------------------------------
 #                                   Token-feature PCA maps
 # ----------------------------------------------------------------------------------------------

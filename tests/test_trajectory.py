@@ -133,6 +133,9 @@ def test_step_spectra_and_distance(trajs):
     assert d.shape == (3,) and d[-1] >= 0
     # against itself the final x0 of the pixel side is 0 decades away
     assert tj.spectral_distance_over_steps(trajs["pixel"], trajs["pixel"].x0_pixels[-1])[-1] == 0.0
+    fig, dists = tj.spectral_distance_figure(trajs, trajs["pixel"].final)
+    assert list(dists) == list(trajs) and np.array_equal(dists["pixel"], d)
+    assert [tuple(line.get_ydata()) for line in fig.axes[0].get_lines()] == [tuple(v) for v in dists.values()]
 
 
 def test_pca_rgb_recovers_planted_components():
