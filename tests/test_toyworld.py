@@ -347,6 +347,18 @@ def test_side_by_side_puts_categories_overall_and_checks_of_several_frames_in_on
     assert t.loc["check: shape", "a"] == 0.5 and t.loc["check: shape", "b"] == 1.0
     assert pd.isna(t.loc["colour", "b"])
 
+
+def test_the_ceiling_readout_names_what_the_vae_costs_and_what_the_source_adds():
+    import pandas as pd
+    limits = pd.DataFrame({"gt": [0.99, 1.0, 1.0, 1.0], "ceiling": [0.77, 0.57, 0.81, 0.95],
+                           "source": [0.60, 0.5, 0.6, 0.9], "best": [0.61, 0.55, 0.61, 0.90]},
+                          index=["overall", "check: background", "check: shape", "check: colour"])
+    goal, vae, source = Evaluator.ceiling_readout(limits, best_cfg=2.0)
+    assert goal.startswith("goal 0.80: the source scores 0.610 at its best cfg 2;") and "0.770 (below the goal)" in goal
+    assert vae.endswith("background 0.57, shape 0.81")  # colour (0.95) is not a loss
+    assert source.endswith("shape (0.61 vs 0.81), colour (0.90 vs 0.95)")
+    assert "(above the goal)" in Evaluator.ceiling_readout(limits, 2.0, goal=0.7)[0]
+
 @pytest.mark.slow
 def test_full_evaluator_accuracy_on_ground_truth():
     """The full-mode judge (from the cache, or trained: ~2–5 min) scores ≥ 0.95 on held-out ground truth."""

@@ -375,6 +375,21 @@ class Evaluator:
         categories = [k for k in seen if k != "overall" and not k.startswith("check: ")]
         return pd.DataFrame(cols).reindex(categories + ["overall"] + [k for k in seen if k.startswith("check: ")])
 
+    @staticmethod
+    def ceiling_readout(limits: pd.DataFrame, best_cfg: float, goal: float = 0.8) -> list[str]:
+        """What holds a latent source below `goal`, in words, from `side_by_side` of (ground truth, VAE
+        reconstructions of it, the source, the source at its best cfg), in that column order."""
+        gt, ceiling, best = (limits.loc["overall"].iloc[i] for i in (0, 1, 3))
+        checks = limits[limits.index.str.startswith("check: ")].rename(lambda k: k[len("check: "):])
+        held = checks.iloc[:, 1][checks.iloc[:, 1] < 0.9].sort_values()  # what the VAE itself costs
+        short = (checks.iloc[:, 1] - checks.iloc[:, 3]).sort_values(ascending=False).head(2)  # what the source adds
+        return [f"goal {goal:.2f}: the source scores {best:.3f} at its best cfg {best_cfg:g}; the ceiling of any latent model "
+                f"through this VAE is {ceiling:.3f} ({'below' if ceiling < goal else 'above'} the goal), ground "
+                f"truth {gt:.3f}.",
+                "checks the VAE reconstructions fail most: " + ", ".join(f"{k} {v:.2f}" for k, v in held.items()),
+                "checks where the source falls furthest below the ceiling: "
+                + ", ".join(f"{k} ({checks.loc[k].iloc[3]:.2f} vs {checks.loc[k].iloc[1]:.2f})" for k in short.index)]
+
     # ---- persistence ----
     def save(self, path: Union[str, Path]) -> None:
         """Weights (safetensors-free torch file) and configs as JSON."""
