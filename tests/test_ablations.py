@@ -38,6 +38,28 @@ def test_freeze_verdict_separates_ties_from_losses():
     assert verdict(exp, win, 0.5)[1].startswith("agrees")
 
 
+def test_the_1500_step_twins_test_their_claims_on_transfers_baseline_runs():
+    """freeze_at_budget, data_source_at_budget and data_quantity_at_budget judge the paper's claim as their
+    300-step twins do (not as questions without a claim), on the runs `transfer` already trained."""
+    transfer = get_experiment("transfer")
+    for name, twin in (("freeze_at_budget", "freeze_policy"), ("data_source_at_budget", "data_source"),
+                       ("data_quantity_at_budget", "data_quantity")):
+        exp, short = get_experiment(name), get_experiment(twin)
+        assert exp.rule == short.rule != "" and set(exp.variants) <= set(short.variants)
+        baseline = "2000 images" if name == "data_quantity_at_budget" else next(iter(exp.variants))
+        for seed in (0, 1, 2):
+            assert variant_config(exp, exp.variants[baseline], "full", seed) == variant_config(transfer, {}, "full", seed)
+        assert variant_config(exp, {}, "smoke", 0).steps == 2
+    exp = get_experiment("freeze_at_budget")
+    a, b = exp.variants
+    _, tie = verdict(exp, curves({a: [0.19, 0.22, 0.16], b: [0.18, 0.13, 0.23]}), 0.6)
+    assert tie == f"agrees in direction: {a} is best, but within the seed spread of {b}"
+    src = get_experiment("data_source_at_budget")
+    own, real, cross = src.variants
+    _, lost = verdict(src, curves({own: [0.19, 0.20, 0.21], real: [0.30, 0.31, 0.29], cross: [0.2] * 3}), 0.6)
+    assert lost == f"disagrees: {real} beats {own} by more than the seed spread"
+
+
 def test_transfer_verdict_without_reaching_the_goal_measures_the_speed_up():
     exp = get_experiment("transfer")
     c = curves({"converted init": [0.3, 0.3, 0.3], "from scratch": [0.09, 0.09, 0.09]})

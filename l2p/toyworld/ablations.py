@@ -24,6 +24,10 @@ class Experiment:
     claim: str
     variants: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)  # overrides applied to every variant
+    # How `verdict` tests the claim: "first_best" (the first variant, the paper's choice, beats the others),
+    # "saturates" (gains shrink as the variants grow), "transfer", "vs_source" (the best variant against the source
+    # itself), "larger_shift"; "" for questions the paper does not answer (does any variant beat the first?).
+    rule: str = ""
 
 
 ABLATION_BASE = {
@@ -41,6 +45,9 @@ _LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100
 _COMBINED = "σ-head + capped vae_fit + latent loss λ=0.5"
 _COMBINATION = {_COMBINED: {k: RECIPES["best"][k] for k in ("head_time", "init", "vae_fit_gain", "latent_loss")}}
 _WIDE = _COMBINED + ", 16-wide head"
+# Fig. 9a's corpora (the source's own renders first) and Fig. 9c's corpus sizes (smallest first)
+_DATA_SOURCES = {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"}, "cross-model": {"corpus": "cross"}}
+_DATA_SIZES = {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}
 
 EXPERIMENTS = [
     Experiment("transfer", "Does the latent model's knowledge transfer, or is the pixel model learning from scratch?",
@@ -48,26 +55,33 @@ EXPERIMENTS = [
                "same pixel architecture from scratch (the paper's efficiency argument).",
                {"converted init": {}, "from scratch": {"init": "scratch"}},
                # at the release's 1500-step budget (`transfer`'s runs are shared): at 300 steps both sit near the floor
-               _LONG),
+               _LONG, rule="transfer"),
     Experiment("freeze_policy", "Which parts must train?",
                "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
                "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
                {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
-                "head-only": {"policy": "head-only"}}),
+                "head-only": {"policy": "head-only"}}, rule="first_best"),
     Experiment("freeze_at_budget", "Does training the trunk's first and last layers help once the model learns?",
                "freeze_policy's claim (Fig. 9b: the paper's policy beats training only the embedder and the head), "
                "at the release's 1500-step budget: at 300 steps the policies end within their seed spread. Session 10's probe "
                "(03) saw the paper policy's trained layers lose the caption's shape from the tokens at high σ.",
                {"paper (n=1)": {}, "embedder+head": {"policy": "embedder+head"}},
-               _LONG),
+               _LONG, rule="first_best"),
     Experiment("data_source", "Does it matter whose images the pixel model learns from?",
                "Training on the source model's own generations transfers best; real images or another model's "
                "generations are worse at equal budget (Fig. 9a).",
-               {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"},
-                "cross-model": {"corpus": "cross"}}),
+               _DATA_SOURCES, rule="first_best"),
+    Experiment("data_source_at_budget", "Does it matter whose images the pixel model learns from, once it learns?",
+               "data_source's claim (Fig. 9a: the source's own generations transfer best), at the release's "
+               "1500-step budget: at 300 steps the three corpora end within their seed spread, near the floor.",
+               _DATA_SOURCES, _LONG, rule="first_best"),
     Experiment("data_quantity", "How many images are needed?",
                "A small synthetic corpus suffices; quality saturates quickly with corpus size (Fig. 9c).",
-               {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}),
+               _DATA_SIZES, rule="saturates"),
+    Experiment("data_quantity_at_budget", "How many images are needed, once the model learns?",
+               "data_quantity's claim (Fig. 9c: quality saturates quickly with corpus size), at the release's "
+               "1500-step budget, where 125 images are seen 384 times each and 2,000 images 24 times.",
+               _DATA_SIZES, _LONG, rule="saturates"),
     Experiment("embedder_init", "Does a VAE-informed init of the new patch embedder help?",
                "Not in the paper (the release initialises the embedder randomly). vae_fit composes the latent "
                "embedder with a ridge fit of the VAE encoder on RGB patches. The plain fit passes white pixel noise "
@@ -132,12 +146,13 @@ EXPERIMENTS = [
                "64). No release baseline at this budget: it would cost three more hour-long runs, and its single-seed "
                "probe scored 0.64× at its best cfg.",
                {**_COMBINATION, _WIDE: {**_COMBINATION[_COMBINED], "head_channels": RECIPES["best"]["head_channels"]}},
-               {**_LONG, "steps": 6000, "eval_every": 500}),
+               {**_LONG, "steps": 6000, "eval_every": 500}, rule="vs_source"),
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",
                {f"shift {s:g}": {"shift": s} for s in (1.0, 3.0, 12.0)},
-               {"image_size": 128, "patch": 32, "corpus": "ground_truth", "steps": 200, "eval_every": 100}),
+               {"image_size": 128, "patch": 32, "corpus": "ground_truth", "steps": 200, "eval_every": 100},
+               rule="larger_shift"),
 ]
 
 
@@ -350,7 +365,7 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
     best = t["geneval mean"].idxmax()
     margin = lambda a, b: t.loc[a, "geneval mean"] - t.loc[b, "geneval mean"]
     noise = lambda a, b: (t.loc[a, "geneval std"] ** 2 + t.loc[b, "geneval std"] ** 2) ** 0.5
-    if exp.name == "transfer":
+    if exp.rule == "transfer":
         goal = 0.9 * source_geneval
         st = steps_to_reach(curves, goal)
         conv = st[st.variant == t.index[0]]
@@ -394,7 +409,7 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
         if ((t["geneval mean"] - start) <= t["geneval std"].fillna(0)).all():
             return found, ("inconclusive: no variant ends above its untrained score by more than the seed spread; "
                            "this budget is too short to tell them apart")
-    if exp.name in ("freeze_policy", "data_source"):
+    if exp.rule == "first_best":
         others = [v for v in t.index if v != default]
         wins = [v for v in others if margin(default, v) > noise(default, v)]
         ties = [v for v in others if abs(margin(default, v)) <= noise(default, v)]
@@ -406,7 +421,7 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
             return found, (f"inconclusive: {best} scores higher than {default} by {margin(best, default):.3f}, "
                            f"within the seed spread ({noise(best, default):.3f})")
         return found, f"disagrees: {best} beats {default} by more than the seed spread"
-    if exp.name == "data_quantity":  # variants run from the smallest corpus to the largest
+    if exp.rule == "saturates":  # variants run from the smallest corpus to the largest
         g, largest = t["geneval mean"].values, t.index[-1]
         worst = t["geneval mean"].idxmin()
         if len(g) < 3 or margin(best, worst) <= noise(best, worst):
@@ -417,14 +432,14 @@ def verdict(exp: Experiment | str, curves: pd.DataFrame, source_geneval: float) 
         first, last = g[1] - g[0], g[-1] - g[1]
         return found, ("agrees: gains shrink as the corpus grows" if 0 <= last < first else
                        "disagrees: the larger corpus still helps as much or more")
-    if exp.name == "combined_long":  # measured against the source itself: the best variant
+    if exp.rule == "vs_source":  # measured against the source itself: the best variant
         if source_geneval <= 0:
             return found, "inconclusive: the source scores 0"
         ratio = float(t.loc[best, "geneval mean"]) / source_geneval
         found += f" The best, {best}, is {ratio:.2f}× the source's {source_geneval:.3f} at the same cfg."
         return found, ("agrees: ≥ 0.9× the source" if ratio >= 0.9 else
                        f"disagrees at this cfg: {ratio:.2f}× the source (paper: 0.93×; goal 0.9×)")
-    if exp.name == "noise_shift_highres":
+    if exp.rule == "larger_shift":
         best_shift = float(best.split()[-1])
         ties = [v for v in t.index if v != best and abs(margin(best, v)) <= noise(best, v)]
         if ties:
