@@ -54,6 +54,9 @@ def test_the_1500_step_twins_test_their_claims_on_transfers_baseline_runs():
     a, b = exp.variants
     _, tie = verdict(exp, curves({a: [0.19, 0.22, 0.16], b: [0.18, 0.13, 0.23]}), 0.6)
     assert tie == f"agrees in direction: {a} is best, but within the seed spread of {b}"
+    from l2p.toyworld.ablations import Experiment
+    with pytest.raises(ValueError, match="'typo': unknown rule 'first-best'"):
+        Experiment("typo", "?", "!", rule="first-best")
     src = get_experiment("data_source_at_budget")
     own, real, cross = src.variants
     _, lost = verdict(src, curves({own: [0.19, 0.20, 0.21], real: [0.30, 0.31, 0.29], cross: [0.2] * 3}), 0.6)

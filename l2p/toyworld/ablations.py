@@ -29,6 +29,13 @@ class Experiment:
     # itself), "larger_shift"; "" for questions the paper does not answer (does any variant beat the first?).
     rule: str = ""
 
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"experiment {self.name!r}: unknown rule {self.rule!r}; choose one of {RULES}")
+
+
+RULES = ("", "first_best", "saturates", "transfer", "vs_source", "larger_shift")
+
 
 ABLATION_BASE = {
     # Short runs at batch 16 (≈ 1 min each on 2 cores; the report's budget holds ~40 of them): comparisons at
