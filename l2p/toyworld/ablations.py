@@ -52,7 +52,9 @@ _LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100
 _COMBINED = "σ-head + capped vae_fit + latent loss λ=0.5"
 _COMBINATION = {_COMBINED: {k: RECIPES["best"][k] for k in ("head_time", "init", "vae_fit_gain", "latent_loss")}}
 _WIDE = _COMBINED + ", 16-wide head"
-# Fig. 9a's corpora (the source's own renders first) and Fig. 9c's corpus sizes (smallest first)
+# Fig. 9b's training policies (the paper's first), Fig. 9a's corpora (the source's own renders first) and Fig. 9c's corpus sizes (smallest first)
+_FREEZE_POLICIES = {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
+                    "head-only": {"policy": "head-only"}}
 _DATA_SOURCES = {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"}, "cross-model": {"corpus": "cross"}}
 _DATA_SIZES = {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}
 
@@ -66,13 +68,13 @@ EXPERIMENTS = [
     Experiment("freeze_policy", "Which parts must train?",
                "Freezing the middle of the trunk and training the ends, embedders and Detailer Head (the default) beats "
                "training everything (Fig. 9b: 'Full-Layer' is worse) and beats training only the head/embedder.",
-               {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
-                "head-only": {"policy": "head-only"}}, rule="first_best"),
+               _FREEZE_POLICIES, rule="first_best"),
     Experiment("freeze_at_budget", "Does training the trunk's first and last layers help once the model learns?",
-               "freeze_policy's claim (Fig. 9b: the paper's policy beats training only the embedder and the head), "
-               "at the release's 1500-step budget: at 300 steps the policies end within their seed spread. Session 10's probe "
-               "(03) saw the paper policy's trained layers lose the caption's shape from the tokens at high σ.",
-               {"paper (n=1)": {}, "embedder+head": {"policy": "embedder+head"}},
+               "freeze_policy's claim (Fig. 9b: the paper's policy beats training every layer, and training only the "
+               "embedder and the head), at the release's 1500-step budget: at 300 steps the policies end within their "
+               "seed spread. Session 10's probe (03) saw the paper policy's trained layers lose the caption's shape "
+               "from the tokens at high σ.",
+               _FREEZE_POLICIES,
                _LONG, rule="first_best"),
     Experiment("data_source", "Does it matter whose images the pixel model learns from?",
                "Training on the source model's own generations transfers best; real images or another model's "
