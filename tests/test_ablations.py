@@ -48,7 +48,8 @@ def test_the_1500_step_twins_test_their_claims_on_transfers_baseline_runs():
         assert exp.rule == short.rule != "" and exp.variants == short.variants
         baseline = "2000 images" if name == "data_quantity_at_budget" else next(iter(exp.variants))
         for seed in (0, 1, 2):
-            assert variant_config(exp, exp.variants[baseline], "full", seed) == variant_config(transfer, {}, "full", seed)
+            assert variant_config(exp, exp.variants[baseline], "full", seed) == \
+                variant_config(transfer, {}, "full", seed)
         assert variant_config(exp, {}, "smoke", 0).steps == 2
     exp = get_experiment("freeze_at_budget")
     a, b = list(exp.variants)[:2]

@@ -25,7 +25,8 @@ def test_notebook_code_has_no_undefined_names_or_unused_imports(nb):
     from pyflakes.api import check
     from pyflakes.reporter import Reporter
     cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
-    code = "\n".join(line for c in cells for line in "".join(c["source"]).splitlines() if not line.startswith(("%", "!")))
+    lines = (line for c in cells for line in "".join(c["source"]).splitlines())
+    code = "\n".join(line for line in lines if not line.startswith(("%", "!")))
     out, err = io.StringIO(), io.StringIO()
     check(code, nb.name, Reporter(out, err))
     assert not (out.getvalue() + err.getvalue()), out.getvalue() + err.getvalue()

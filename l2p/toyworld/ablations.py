@@ -52,10 +52,12 @@ _LONG = {"steps": 1500, "batch_size": 32, "eval_every": 250, "eval_prompts": 100
 _COMBINED = "σ-head + capped vae_fit + latent loss λ=0.5"
 _COMBINATION = {_COMBINED: {k: RECIPES["best"][k] for k in ("head_time", "init", "vae_fit_gain", "latent_loss")}}
 _WIDE = _COMBINED + ", 16-wide head"
-# Fig. 9b's training policies (the paper's first), Fig. 9a's corpora (the source's own renders first) and Fig. 9c's corpus sizes (smallest first)
+# Fig. 9b's training policies (the paper's first), Fig. 9a's corpora (the source's own renders first) and
+# Fig. 9c's corpus sizes (smallest first)
 _FREEZE_POLICIES = {"paper (n=1)": {}, "full": {"policy": "full"}, "embedder+head": {"policy": "embedder+head"},
                     "head-only": {"policy": "head-only"}}
-_DATA_SOURCES = {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"}, "cross-model": {"corpus": "cross"}}
+_DATA_SOURCES = {"source's own": {}, "ground truth (real)": {"corpus": "ground_truth"},
+                 "cross-model": {"corpus": "cross"}}
 _DATA_SIZES = {f"{n} images": {"corpus_size": n} for n in (125, 500, 2000)}
 
 EXPERIMENTS = [

@@ -383,9 +383,9 @@ class Evaluator:
         checks = limits[limits.index.str.startswith("check: ")].rename(lambda k: k[len("check: "):])
         held = checks.iloc[:, 1][checks.iloc[:, 1] < 0.9].sort_values()  # what the VAE itself costs
         short = (checks.iloc[:, 1] - checks.iloc[:, 3]).sort_values(ascending=False).head(2)  # what the source adds
-        return [f"goal {goal:.2f}: the source scores {best:.3f} at its best cfg {best_cfg:g}; the ceiling of any latent model "
-                f"through this VAE is {ceiling:.3f} ({'below' if ceiling < goal else 'above'} the goal), ground "
-                f"truth {gt:.3f}.",
+        return [f"goal {goal:.2f}: the source scores {best:.3f} at its best cfg {best_cfg:g}; the ceiling of any "
+                f"latent model through this VAE is {ceiling:.3f} ({'below' if ceiling < goal else 'above'} the goal), "
+                f"ground truth {gt:.3f}.",
                 "checks the VAE reconstructions fail most: " + ", ".join(f"{k} {v:.2f}" for k, v in held.items()),
                 "checks where the source falls furthest below the ceiling: "
                 + ", ".join(f"{k} ({checks.loc[k].iloc[3]:.2f} vs {checks.loc[k].iloc[1]:.2f})" for k in short.index)]
