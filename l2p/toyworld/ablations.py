@@ -76,8 +76,7 @@ EXPERIMENTS = [
                "embedder and the head), at the release's 1500-step budget: at 300 steps the policies end within their "
                "seed spread. Session 10's probe (03) saw the paper policy's trained layers lose the caption's shape "
                "from the tokens at high σ.",
-               _FREEZE_POLICIES,
-               _LONG, rule="first_best"),
+               _FREEZE_POLICIES, _LONG, rule="first_best"),
     Experiment("data_source", "Does it matter whose images the pixel model learns from?",
                "Training on the source model's own generations transfers best; real images or another model's "
                "generations are worse at equal budget (Fig. 9a).",
