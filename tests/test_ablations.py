@@ -62,6 +62,14 @@ def test_the_1500_step_twins_test_their_claims_on_transfers_baseline_runs():
     own, real, cross = src.variants
     _, lost = verdict(src, curves({own: [0.19, 0.20, 0.21], real: [0.30, 0.31, 0.29], cross: [0.2] * 3}), 0.6)
     assert lost == f"disagrees: {real} beats {own} by more than the seed spread"
+    # Fig. 12's twin keeps its 128², patch-32 ground-truth runs and takes the release's budget
+    shift, short = get_experiment("noise_shift_at_budget"), get_experiment("noise_shift_highres")
+    assert shift.rule == short.rule == "larger_shift" and shift.variants == short.variants
+    for overrides in shift.variants.values():
+        long, brief = variant_config(shift, overrides, "full", 1), variant_config(short, overrides, "full", 1)
+        assert long == brief.replace(steps=1500, batch_size=32, eval_every=250, eval_prompts=100)
+        assert (long.image_size, long.patch, long.corpus) == (128, 32, "ground_truth")
+    assert variant_config(shift, {}, "smoke", 0).steps == 2
 
 
 def test_transfer_verdict_without_reaching_the_goal_measures_the_speed_up():
