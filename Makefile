@@ -15,10 +15,11 @@ install: $(PY)
 test: $(PY)
 	$(PY) -m pytest -q
 
-# the end-to-end JupyterLab test in headless Chromium (installs Chromium via apt)
+# the end-to-end JupyterLab test in headless Chromium (installs Chromium via apt); its screenshot replaces
+# reports/browser/05_interactive.png (`make test` leaves that one alone)
 test-browser: $(PY)
 	bash .ci/install.sh --browser
-	$(PY) -m pytest -q -m browser
+	L2P_SCREENSHOT_DIR=reports/browser $(PY) -m pytest -q -m browser
 
 reports: $(PY)
 	$(PY) -m l2p.reports --mode $(MODE) --jobs $(JOBS)

@@ -3,7 +3,8 @@
 Needs Debian's Chromium (/usr/bin/chromium) and the `playwright` Python package (its own browser download
 is not used). The server gets a temporary copy of the notebook (parameterised to smoke mode), a token, a
 free port on 127.0.0.1 and the smoke toy world in L2P_CACHE; it is shut down even when the test fails.
-The screenshot lands in reports/browser/05_interactive.png.
+The screenshot lands in the test's temporary folder, so that `make test` leaves the tree as it was; with
+L2P_SCREENSHOT_DIR set (`make test-browser` sets reports/browser, the committed one) it lands there.
 """
 import importlib.util
 import json
@@ -21,7 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = ROOT / "reports" / "browser" / "05_interactive.png"
 
 
 def _missing() -> str:
@@ -132,11 +132,13 @@ RUN_STATE = """() => {
 }"""
 
 
-def test_panel_in_jupyterlab(lab):
+def test_panel_in_jupyterlab(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     base, token, _ = lab
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shots = Path(os.environ.get("L2P_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    screenshot = shots / "05_interactive.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
@@ -187,10 +189,10 @@ def test_panel_in_jupyterlab(lab):
             assert float(readout.inner_text()) == pytest.approx(float(cfg_before) + 0.5)
             assert all(after[k] != before[k] for k in after), (before, after)
             page.locator("img.l2p-pixel").scroll_into_view_if_needed()
-            page.screenshot(path=str(SCREENSHOT))
+            page.screenshot(path=str(screenshot))
         except Exception:
-            page.screenshot(path=str(SCREENSHOT.with_name("05_interactive_failure.png")))
+            page.screenshot(path=str(shots / "05_interactive_failure.png"))
             raise
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
