@@ -164,8 +164,7 @@ EXPERIMENTS = [
     Experiment("noise_shift_highres", "At higher resolution with a larger patch, which noise shift?",
                "High-resolution training with a larger patch embedder needs a larger noise shift to break local "
                "pixel correlation and force global structure (Fig. 12).",
-               _SHIFTS,
-               _HIGHRES, rule="larger_shift"),
+               _SHIFTS, _HIGHRES, rule="larger_shift"),
     Experiment("noise_shift_at_budget", "At higher resolution with a larger patch, which noise shift, once it learns?",
                "noise_shift_highres's claim (Fig. 12: a larger noise shift is better at high resolution with a larger "
                "patch), at the release's 1500-step budget: at 200 steps every shift scores the untrained model's "
