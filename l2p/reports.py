@@ -81,15 +81,25 @@ def _commit() -> str:
 
 
 def export(executed: Path) -> None:
-    """HTML (with code) and Markdown (with images in NAME_files/) beside the executed notebook."""
+    """HTML (with code) and Markdown beside the executed notebook, both showing the images saved once in
+    NAME_files/.
+
+    The executed notebook already holds every image; an HTML that embedded them too would triple a report's
+    size in the repository (04's was 6.5 MB), so it links the files the Markdown uses.
+    """
     import nbformat
     from nbconvert import HTMLExporter, MarkdownExporter
     from nbconvert.writers import FilesWriter
+    from traitlets.config import Config
 
     nb = nbformat.read(executed, as_version=4)
     shutil.rmtree(executed.parent / f"{executed.stem}_files", ignore_errors=True)  # no images from older runs
     writer = FilesWriter(build_directory=str(executed.parent))
-    for exporter in (HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True), MarkdownExporter()):
+    # the HTML template links an extracted image by its file name; SVG stays inline (its template would not)
+    linked = Config({"ExtractOutputPreprocessor": {"enabled": True,
+                                                   "extract_output_types": {"image/png", "image/jpeg"}}})
+    html = HTMLExporter(config=linked, exclude_input_prompt=True, exclude_output_prompt=True)
+    for exporter in (html, MarkdownExporter()):
         body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": f"{executed.stem}_files"})
         writer.write(body, resources, notebook_name=executed.stem)
 

@@ -97,7 +97,8 @@ def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
 
 
 def test_export_leaves_no_images_from_older_runs(tmp_path):
-    """Cell numbers shift when a notebook changes; images the new Markdown does not name must not linger."""
+    """Cell numbers shift when a notebook changes; images the new Markdown and HTML do not name must not linger,
+    and the HTML links the images the Markdown uses rather than holding copies."""
     import base64
     import io
 
@@ -120,7 +121,9 @@ def test_export_leaves_no_images_from_older_runs(tmp_path):
     files = sorted(p.name for p in (tmp_path / "07_demo_files").iterdir())
     assert files and "output_9_0.png" not in files
     assert all(f in (tmp_path / "07_demo.md").read_text() for f in files)
-    assert (tmp_path / "07_demo.html").exists()
+    html = (tmp_path / "07_demo.html").read_text()
+    assert all(f'src="07_demo_files/{f}"' in html for f in files)  # linked, not embedded a second time
+    assert '<img src="data:' not in html
 
 
 @pytest.mark.parametrize("load,now,cores,threads,warned", [
