@@ -312,7 +312,8 @@ def test_the_time_left_counts_a_long_run_left_over_at_the_end():
     assert prebuild.finish_minutes([10, 10, 10, 60], jobs=2) == 70  # started last, it runs alone (sum / 2 is 45)
     assert prebuild.finish_minutes([10, 20, 30], jobs=1) == 60 and prebuild.finish_minutes([], jobs=3) == 0
     df = pd.DataFrame({"notebook": "04", "run": [f"04 · x: a, seed {s}" for s in range(4)], "cached": False,
-                       "minutes": [10.0, 60.0, 10.0, 10.0], "basis": "1 thread(s)", "world": "w", "world_missing": ""})
+                       "minutes": [10.0, 60.0, 10.0, 10.0], "basis": "1 thread(s)", "world": "w", "world_missing": "",
+                       "world_minutes": float("nan")})
     assert "04: 0 of 4 runs cached; ~90 run-min left, roughly 60 min on 2 worker(s)" in prebuild.plan_summary(df, 2, 1)
 
 
@@ -346,3 +347,26 @@ def test_the_workers_start_times_are_kept_apart_from_their_log_lines(monkeypatch
     prebuild._build(run)
     prebuild._relay(q, logged.append, started=started)
     assert run.label in started and len(logged) == 1
+
+
+def test_a_fresh_cache_estimates_every_full_run_and_world_from_the_reference_machine(tmp_path, monkeypatch):
+    """A first report run is the one whose cost a user must know: every budget the full plan uses has a reference
+    time (a new budget must bring one), and the worlds' pieces are counted once even where two worlds share them."""
+    monkeypatch.setenv("L2P_CACHE", str(tmp_path))
+    monkeypatch.setenv("L2P_RUN_THREADS", "1")
+    df = prebuild.plan_table("full")
+    assert len(df) == len(prebuild.planned_runs("full")) and not df.cached.any()
+    assert set(df.budget) == set(prebuild.REFERENCE_MINUTES), "a full-mode budget without a reference time"
+    assert (df.basis == "reference machine").all() and df.minutes.notna().all()
+    assert df.minutes.tolist() == df.budget.map(prebuild.REFERENCE_MINUTES).tolist()
+    ref = prebuild.REFERENCE_WORLD_MINUTES
+    worlds = df.groupby("world", sort=False).world_minutes.first()
+    assert [prebuild.world_name(r.world) for r in prebuild.planned_runs("full")[:3]] == ["default", "coarse", "fine"]
+    # 07's coarse world trains on the default world's VAE and judge, and the fine world on its judge
+    assert worlds.tolist() == pytest.approx([sum(ref["default"].values()), ref["coarse"]["source LDM"],
+                                             ref["fine"]["toy VAE"] + ref["fine"]["source LDM"]])
+    text = prebuild.plan_summary(df, jobs=2, threads=1)
+    assert f"all: 0 of {len(df)} runs cached" in text and "unknown cost" not in text
+    assert f"(~{worlds.sum():.0f} min on the reference machine)" in text
+    # a smoke run takes seconds: no reference, so an empty cache leaves it unknown
+    assert prebuild.plan_table("smoke").minutes.isna().all()

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..cache import available_cores, is_cached, run_threads
 from .recipe import FINETUNE_MODES, FinetuneConfig, from_scratch, recipe_config, run_key
-from .world import SPECS, WorldSpec, missing_pieces
+from .world import SPECS, WorldSpec, world_pieces
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,39 @@ def _planned(mode: str, notebooks: Optional[list[str]]) -> list[PlannedRun]:
 
 
 ORDERS = ("longest", "shortest", "plan")
+
+# What a run of each full-mode budget took on the reference machine (2 cores of an AMD EPYC with AVX512-BF16,
+# 1 thread per run beside another run, as the workers train; the median of sessions 18–26's cached runs). A
+# fresh cache has timed nothing yet, and a first report run is the one whose cost a user most needs to know.
+REFERENCE_MINUTES = {
+    "300 × 16 at 64²": 1.4,                   # 33 runs, 0.9–2.5
+    "200 × 16 at 128²": 1.6,                  # 9 runs, 1.5–1.7
+    "1500 × 32 at 64²": 8.3,                  # 54 runs, 4.7–13.5 (head-only the fastest)
+    "1500 × 32 at 64² + latent loss": 14.3,   # 9 runs, 12.3–17.6
+    "1500 × 32 at 128²": 18.4,                # 9 runs, 17.0–19.5
+    "6000 × 32 at 64² + latent loss": 59.0,   # 5 runs, 50.2–75.0
+}
+# What each world piece took there, by world ("default", or 07's "coarse" and "fine") and piece (`world_pieces`):
+# the build of `2bc7244efa` (session 20, its VAE beside tests) and 07's worlds (session 22). Pieces that two
+# worlds share (07's coarse world trains on the default world's VAE and judge) are counted once.
+REFERENCE_WORLD_MINUTES = {
+    "default": {"toy VAE": 15.8, "judge": 0.9, "source LDM": 14.2},
+    "coarse": {"toy VAE": 15.8, "judge": 0.9, "source LDM": 6.2},
+    "fine": {"toy VAE": 8.1, "judge": 0.9, "source LDM": 11.9},
+}
+
+
+def budget(c: FinetuneConfig) -> str:
+    """A run's budget, "1500 × 32 at 64²": runs of one budget take about as long. A latent loss runs the VAE
+    encoder twice a step (~1.9× the time), so it makes a budget of its own."""
+    return f"{c.steps} × {c.batch_size} at {c.image_size}²" + (" + latent loss" if c.latent_loss else "")
+
+
+def world_name(spec: WorldSpec) -> Optional[str]:
+    """"default", "coarse" or "fine" for the full-mode worlds the reports use (`REFERENCE_WORLD_MINUTES`)."""
+    from .grid import GRIDS
+    names = {"default": SPECS["full"], **GRIDS["full"]}
+    return next((name for name, s in names.items() if s == spec), None)
 
 
 def _work(c: FinetuneConfig) -> float:
@@ -284,26 +317,33 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
     `run_threads()`, what the workers use), marked `estimated`. A 1-thread run that shared the cores with
     another records its time as it ran (1500 × 32: 12–14 min in session 12, against 6–8 for runs alone on 2
     threads in sessions 8–10), so mixing counts could be off by half. Where no run of the budget was trained on
-    `threads`, the median over other counts stands in (`basis` "other threads"); NaN where none is cached. What
-    `l2p.reports --plan` prints.
+    `threads`, the median over other counts stands in (`basis` "other threads"); where none is cached, in full
+    mode, what the budget took on the reference machine (`REFERENCE_MINUTES`, basis "reference machine"); else
+    NaN. `world_minutes`: the reference machine's minutes for the pieces of the run's world not cached yet
+    (shared pieces counted once, for the first world). What `l2p.reports --plan` prints.
     """
-    from ..cache import build_meta
+    from ..cache import build_meta, is_cached
     threads = threads or run_threads()
-    rows, missing = [], {}
+    rows, missing, counted = [], {}, set()
     for r in _planned(mode, None):  # every notebook's cached runs inform the estimates; `notebooks` filters below
         c, wkey = r.config, repr(r.world.key())
         if wkey not in missing:
-            missing[wkey] = ", ".join(missing_pieces(r.world))
+            todo = [(label, (name, repr(key), seed)) for label, name, key, seed in world_pieces(r.world)
+                    if not is_cached(name, key, seed)]
+            reference = REFERENCE_WORLD_MINUTES.get(world_name(r.world) or "", {})
+            # a piece two worlds share is trained once, for the first world that needs it
+            fresh = [label for label, k in todo if k not in counted]
+            counted.update(k for _, k in todo)
+            minutes = sum(reference.get(label, float("nan")) for label in fresh) if reference else float("nan")
+            missing[wkey] = (", ".join(label for label, _ in todo), minutes)
         meta = build_meta("toy_finetune", run_key(r.world, c), c.seed) or {}
         sec = meta.get("build_seconds")
-        # a latent loss runs the VAE encoder twice a step (~1.9× the time), so it is a budget of its own
-        budget = f"{c.steps} × {c.batch_size} at {c.image_size}²" + (" + latent loss" if c.latent_loss else "")
-        rows.append({"notebook": r.label[:2], "run": r.label, "budget": budget,
+        rows.append({"notebook": r.label[:2], "run": r.label, "budget": budget(c),
                      "cached": r.cached(), "minutes": None if sec is None else sec / 60,
                      "threads": meta.get("threads"), "estimated": False, "basis": None, "world": wkey,
-                     "world_missing": missing[wkey]})
+                     "world_missing": missing[wkey][0], "world_minutes": missing[wkey][1]})
     df = pd.DataFrame(rows, columns=["notebook", "run", "budget", "cached", "minutes", "threads", "estimated",
-                                     "basis", "world", "world_missing"])
+                                     "basis", "world", "world_missing", "world_minutes"])
     if len(df):
         df["minutes"] = df["minutes"].astype(float)
         done = df[df.cached & df.minutes.notna()]
@@ -313,9 +353,12 @@ def plan_table(mode: str = "full", notebooks: Optional[list[str]] = None, thread
         by_same = df.loc[todo, "budget"].map(same).astype(float)
         by_other = df.loc[todo, "budget"].map(other).astype(float)
         basis = pd.Series(None, index=by_same.index, dtype=object)
+        reference = REFERENCE_MINUTES if mode == "full" else {}  # smoke runs take seconds: no reference kept
+        by_reference = df.loc[todo, "budget"].map(reference).astype(float)
         basis[by_same.notna()] = f"{threads} thread(s)"
         basis[by_same.isna() & by_other.notna()] = "other threads"
-        df.loc[todo, "minutes"] = by_same.fillna(by_other)
+        basis[by_same.isna() & by_other.isna() & by_reference.notna()] = "reference machine"
+        df.loc[todo, "minutes"] = by_same.fillna(by_other).fillna(by_reference)
         df.loc[todo, "estimated"] = True
         df.loc[todo, "basis"] = basis
     return df[df.run.map(lambda label: _of(label, notebooks)).astype(bool)].reset_index(drop=True)
@@ -331,16 +374,27 @@ def plan_summary(df: pd.DataFrame, jobs: int, threads: Optional[int] = None) -> 
         other = int((left.basis == "other threads").sum())
         est = left.minutes.sum()
         wall = _longest_first(left.minutes, jobs)
+        reference = int((left.basis == "reference machine").sum())
         tail = f"; {unknown} of unknown cost (no cached run of their budget)" if unknown else ""
         tail += f"; {other} estimated from runs on another thread count" if other else ""
+        tail += f"; {reference} estimated from the reference machine's times" if reference else ""
         lines.append(f"{nb}: {int(g.cached.sum())} of {len(g)} runs cached; ~{est:.0f} run-min left, roughly "
                      f"{wall:.0f} min on {jobs} worker(s){tail}")
+    if df.notebook.nunique() > 1:
+        left = df[~df.cached]
+        lines.append(f"all: {int(df.cached.sum())} of {len(df)} runs cached; ~{left.minutes.sum():.0f} run-min left, "
+                     f"roughly {_longest_first(left.minutes, jobs):.0f} min on {jobs} worker(s), longest first")
     # a world is named by its first run's label without the seed: "07 · fine grid"
-    worlds = df.groupby("world", sort=False).agg(missing=("world_missing", "first"), first=("run", "first"))
+    worlds = df.groupby("world", sort=False).agg(missing=("world_missing", "first"), first=("run", "first"),
+                                                  minutes=("world_minutes", "first"))
     unbuilt = worlds[worlds.missing != ""]
     if len(unbuilt):
-        lines.append(f"worlds: {len(worlds) - len(unbuilt)} of {len(worlds)} built; to train first, not counted above: "
-                     + "; ".join(f"the world of {w.first.split(', seed')[0]} ({w.missing})" for w in unbuilt.itertuples()))
+        known = unbuilt.minutes.notna().all()
+        lines.append(f"worlds: {len(worlds) - len(unbuilt)} of {len(worlds)} built; to train first, one after another "
+                     + (f"(~{unbuilt.minutes.sum():.0f} min on the reference machine), " if known else "")
+                     + "not counted above: " + "; ".join(f"the world of {w.first.split(', seed')[0]} ({w.missing})"
+                                                         for w in unbuilt.itertuples()))
     lines.append(f"(estimates: the median build time of cached runs of the same budget trained on {threads} "
-                 "thread(s), as the workers train; worlds, corpora and the notebooks themselves not counted)")
+                 "thread(s), as the workers train, else the reference machine's (2 cores, 1 thread per run); "
+                 "corpora, converted inits and the notebooks themselves not counted)")
     return "\n".join(lines)
