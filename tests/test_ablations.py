@@ -285,6 +285,26 @@ def test_check_accuracy_re_scores_the_final_evaluation_exactly():
     assert len(final_samples(runs).axes) >= 2 * 8
 
 
+def test_sampling_shift_table_samples_every_run_with_each_shift_and_its_own_shift_gives_its_final_score():
+    from l2p.toyworld.ablations import run_experiment, sampling_shift_table
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    curves = run_experiment(world, "noise_shift_at_budget", seeds=(0, 1))  # trained (and evaluated) first
+    final = curves[curves.step == curves.step.max()].groupby("variant").geneval.mean()
+    asked, evaluate = [], world.evaluate
+    world.evaluate = lambda pipe, prompts=None, **kw: asked.append(kw["shift"]) or evaluate(pipe, prompts, **kw)
+    try:
+        table = sampling_shift_table(world, "noise_shift_at_budget", (1, 12), seeds=(0, 1))
+    finally:
+        del world.evaluate
+    variants = list(get_experiment("noise_shift_at_budget").variants)
+    assert list(table.index) == [(v, s) for v in variants for s in (1.0, 12.0)]
+    assert asked == [1.0, 12.0] * len(variants) * 2 and (table.seeds == 2).all()
+    assert {"overall mean", "overall std", "shape mean", "color mean"} <= set(table.columns)
+    for v, shift in (("shift 1", 1.0), ("shift 12", 12.0)):  # its own shift re-samples its last evaluation
+        assert table.loc[(v, shift), "overall mean"] == pytest.approx(final[v])
+
+
 def test_a_latent_loss_run_trains_through_the_frozen_toy_vae_encoder():
     """latent_loss > 0: a separate cached run whose update differs; the VAE itself is not changed."""
     import torch

@@ -231,6 +231,32 @@ def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, see
     return df.drop(columns="seed").groupby("variant", sort=False).mean()
 
 
+def sampling_shift_table(world, exp: Experiment | str, shifts, mode: Optional[str] = None, seeds=None
+                         ) -> pd.DataFrame:
+    """Every variant's final models sampled with each noise shift in `shifts`, whatever shift they trained with:
+    toy-GenEval ("overall") and each judge check (as `check_accuracy`), mean and std over seeds (rows: variant ×
+    sampling shift).
+
+    A run's shift sets both the σ it trains on and the schedule it samples with; this separates the two. The
+    diagonal (each run's own shift) re-samples its last evaluation exactly, so it equals its final score.
+    """
+    from .evaluator import Evaluator
+    exp = get_experiment(exp) if isinstance(exp, str) else exp
+    mode = mode or world.mode
+    rows = []
+    for seed in seeds or SEEDS[mode]:
+        for label, run in variant_runs(world, exp, mode, seed).items():
+            for shift in shifts:
+                r = evaluate_pixel(world, run.model, run.config.replace(shift=float(shift)))
+                rows.append({"variant": label, "sampling shift": float(shift), "seed": seed, "overall": r["geneval"],
+                             **Evaluator.attribute_accuracy(r["scores"])})
+    df = pd.DataFrame(rows)
+    out = df.drop(columns="seed").groupby(["variant", "sampling shift"], sort=False).agg(["mean", "std"])
+    out.columns = [f"{a} {b}" for a, b in out.columns]
+    out["seeds"] = df.groupby(["variant", "sampling shift"], sort=False).seed.nunique()
+    return out
+
+
 def guidance_table(world, exp: Experiment | str, scales, mode: Optional[str] = None, seeds=None,
                    prompts: Optional[int] = None) -> pd.DataFrame:
     """toy-GenEval and toy-FID of every variant's final models at each cfg scale, mean ± std over seeds, with the
