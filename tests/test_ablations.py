@@ -70,6 +70,15 @@ def test_the_1500_step_twins_test_their_claims_on_transfers_baseline_runs():
         assert long == brief.replace(steps=1500, batch_size=32, eval_every=250, eval_prompts=100)
         assert (long.image_size, long.patch, long.corpus) == (128, 32, "ground_truth")
     assert variant_config(shift, {}, "smoke", 0).steps == 2
+    # ... and its base-resolution twin differs only in the image size and patch (64², 16 px): the paper's 1K
+    # default first, its runs data_source_at_budget's ground-truth runs
+    base = get_experiment("noise_shift_base_res")
+    assert base.rule == "first_best" and list(base.variants) == ["shift 3", "shift 1", "shift 12"]
+    for label, overrides in base.variants.items():
+        low, high = variant_config(base, overrides, "full", 2), variant_config(shift, shift.variants[label], "full", 2)
+        assert low == high.replace(image_size=64, patch=16)
+    real = variant_config(src, src.variants["ground truth (real)"], "full", 0)
+    assert variant_config(base, base.variants["shift 3"], "full", 0) == real
 
 
 def test_transfer_verdict_without_reaching_the_goal_measures_the_speed_up():
@@ -303,6 +312,21 @@ def test_sampling_shift_table_samples_every_run_with_each_shift_and_its_own_shif
     assert {"overall mean", "overall std", "shape mean", "color mean"} <= set(table.columns)
     for v, shift in (("shift 1", 1.0), ("shift 12", 12.0)):  # its own shift re-samples its last evaluation
         assert table.loc[(v, shift), "overall mean"] == pytest.approx(final[v])
+
+
+def test_checks_across_puts_experiments_with_the_same_variants_side_by_side():
+    from l2p.toyworld.ablations import check_accuracy, checks_across
+    from l2p.toyworld.world import build_toy_world
+    world = build_toy_world("smoke", progress=False)
+    both = {"64²": "noise_shift_base_res", "128²": "noise_shift_at_budget"}
+    order = ["shift 1", "shift 3", "shift 12"]
+    table = checks_across(world, both, checks=("overall", "shape"), rows=order)
+    assert list(table.index) == order
+    assert list(table.columns) == [("overall", "64²"), ("overall", "128²"), ("shape", "64²"), ("shape", "128²")]
+    for label, name in both.items():
+        alone = check_accuracy(world, name)
+        for check in ("overall", "shape"):
+            assert table[(check, label)].tolist() == alone[check].reindex(order).tolist()
 
 
 def test_a_latent_loss_run_trains_through_the_frozen_toy_vae_encoder():
