@@ -5,7 +5,7 @@ MODE ?= full
 # cores); auto: one per core in full mode; 1: the notebooks train them one by one
 JOBS ?= auto
 
-.PHONY: install test test-browser reports reports-smoke bench clean-cache
+.PHONY: install test test-browser reports reports-plan reports-smoke bench clean-cache
 
 $(PY):
 	bash .ci/install.sh
@@ -23,6 +23,10 @@ test-browser: $(PY)
 
 reports: $(PY)
 	$(PY) -m l2p.reports --mode $(MODE) --jobs $(JOBS)
+
+# what `make reports` would train, and how long that should take (from the cache, else the reference machine)
+reports-plan: $(PY)
+	$(PY) -m l2p.reports --mode $(MODE) --plan
 
 reports-smoke: $(PY)
 	$(PY) -m l2p.reports --mode smoke --out reports-smoke
