@@ -220,22 +220,43 @@ def variant_runs(world, exp: Experiment | str, mode: Optional[str] = None, seed:
             for label, ov in exp.variants.items()}
 
 
-def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, seeds=None) -> pd.DataFrame:
-    """Each judge check's accuracy (shape, colour, …) of every variant's final model, mean over seeds.
-
-    Re-samples each run's last evaluation exactly (same prompts, seed and settings), so the "overall" column
-    equals that run's final toy-GenEval.
-    """
+def _final_checks(world, exp: Experiment | str, mode: Optional[str], seeds, shifts=None) -> list:
+    """One row per (seed, variant): the judge's checks and "overall" of the run's final model, sampled as the run
+    was evaluated (`evaluate_pixel`); with `shifts`, one row per (seed, variant, shift) sampled with that noise
+    shift, its "sampling shift" column saying which."""
     from .evaluator import Evaluator
     exp = get_experiment(exp) if isinstance(exp, str) else exp
     mode = mode or world.mode
     rows = []
     for seed in seeds or SEEDS[mode]:
         for label, run in variant_runs(world, exp, mode, seed).items():
-            r = evaluate_pixel(world, run.model, run.config)
-            rows.append({"variant": label, "seed": seed, **Evaluator.attribute_accuracy(r["scores"]),
-                         "overall": r["geneval"]})
-    df = pd.DataFrame(rows)
+            for shift in shifts or [None]:
+                cfg, extra = run.config, {}
+                if shift is not None:
+                    cfg, extra = cfg.replace(shift=float(shift)), {"sampling shift": float(shift)}
+                r = evaluate_pixel(world, run.model, cfg)
+                rows.append({"variant": label, **extra, "seed": seed, **Evaluator.attribute_accuracy(r["scores"]),
+                             "overall": r["geneval"]})
+    return rows
+
+
+def _over_seeds(rows: pd.DataFrame, keys: list, values: Optional[list] = None) -> pd.DataFrame:
+    """Mean and std over the seeds of `values` (default: every other column), by `keys` in first-seen order, with
+    the number of seeds: columns "NAME mean", "NAME std", "seeds"."""
+    groups = rows.groupby(keys, sort=False)
+    out = groups[values or [c for c in rows.columns if c not in keys + ["seed"]]].agg(["mean", "std"])
+    out.columns = [f"{a} {b}" for a, b in out.columns]
+    out["seeds"] = groups.seed.nunique()
+    return out
+
+
+def check_accuracy(world, exp: Experiment | str, mode: Optional[str] = None, seeds=None) -> pd.DataFrame:
+    """Each judge check's accuracy (shape, colour, …) of every variant's final model, mean over seeds.
+
+    Re-samples each run's last evaluation exactly (same prompts, seed and settings), so the "overall" column
+    equals that run's final toy-GenEval.
+    """
+    df = pd.DataFrame(_final_checks(world, exp, mode, seeds))
     return df.drop(columns="seed").groupby("variant", sort=False).mean()
 
 
@@ -258,21 +279,7 @@ def sampling_shift_table(world, exp: Experiment | str, shifts, mode: Optional[st
     A run's shift sets both the σ it trains on and the schedule it samples with; this separates the two. The
     diagonal (each run's own shift) re-samples its last evaluation exactly, so it equals its final score.
     """
-    from .evaluator import Evaluator
-    exp = get_experiment(exp) if isinstance(exp, str) else exp
-    mode = mode or world.mode
-    rows = []
-    for seed in seeds or SEEDS[mode]:
-        for label, run in variant_runs(world, exp, mode, seed).items():
-            for shift in shifts:
-                r = evaluate_pixel(world, run.model, run.config.replace(shift=float(shift)))
-                rows.append({"variant": label, "sampling shift": float(shift), "seed": seed, "overall": r["geneval"],
-                             **Evaluator.attribute_accuracy(r["scores"])})
-    df = pd.DataFrame(rows)
-    out = df.drop(columns="seed").groupby(["variant", "sampling shift"], sort=False).agg(["mean", "std"])
-    out.columns = [f"{a} {b}" for a, b in out.columns]
-    out["seeds"] = df.groupby(["variant", "sampling shift"], sort=False).seed.nunique()
-    return out
+    return _over_seeds(pd.DataFrame(_final_checks(world, exp, mode, seeds, shifts)), ["variant", "sampling shift"])
 
 
 def guidance_table(world, exp: Experiment | str, scales, mode: Optional[str] = None, seeds=None,
@@ -316,10 +323,7 @@ def guidance_rows(world, runs: dict, scales, prompts: Optional[int] = None) -> p
 def summarize_guidance(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds of `guidance_rows` (rows: variant × cfg scale, in the order given)."""
     order = list(dict.fromkeys(rows.variant))
-    out = rows.groupby(["variant", "cfg"], sort=False)[["geneval", "fid"]].agg(["mean", "std"])
-    out.columns = [f"{a} {b}" for a, b in out.columns]
-    out["seeds"] = rows.groupby(["variant", "cfg"], sort=False).seed.nunique()
-    return out.reindex(order, level=0)
+    return _over_seeds(rows, ["variant", "cfg"], ["geneval", "fid"]).reindex(order, level=0)
 
 
 def best_guidance(table: pd.DataFrame) -> pd.DataFrame:
