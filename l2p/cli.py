@@ -1,4 +1,4 @@
-"""`l2p` command line: generate, convert, merge, synth, train, reports."""
+"""`l2p` command line: generate, convert, merge, synth, train, eval, reports."""
 from __future__ import annotations
 
 import argparse
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each module registers its own subcommand; a missing optional piece should not break the rest.
     for mod, fn in [("convert", "add_convert_parser"), ("merge", "add_merge_parser"),
                     ("toyworld.corpus", "add_synth_parser"), ("train", "add_train_parser"),
-                    ("reports", "add_reports_parser")]:
+                    ("evaluate", "add_eval_parser"), ("reports", "add_reports_parser")]:
         try:
             module = __import__(f"l2p.{mod}", fromlist=[fn])
         except ModuleNotFoundError as e:

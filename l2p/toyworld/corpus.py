@@ -1,9 +1,11 @@
-"""Synthetic corpus generation (`l2p synth`): the source model renders prompts into images/ + metadata.csv.
+"""Synthetic corpus generation (`l2p synth`): a model renders prompts into images/ + metadata.csv.
 
 The corpus is what L2P fine-tunes on: images the latent source model generated itself, each with its
 prompt and the seed of its initial noise (columns `image,prompt,seed`; the release's README calls them
 `file_name,text`, which `l2p.data` also accepts). Generation is resumable: existing images are skipped.
-At real scale, `accelerate launch -m l2p.cli synth ...` splits the prompts across GPUs.
+At real scale, `accelerate launch -m l2p.cli synth ...` splits the prompts across GPUs. Given an L2P
+checkpoint and no `--vae`, it renders with the pixel model instead, so both models' renders of one prompt
+file and seeds can be compared with `l2p eval`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ from ..pipeline import to_pil
 def synth_corpus(pipe, prompts: Sequence[str], out_dir: Union[str, Path], base_seed: int = 0,
                  num_inference_steps: int = 20, cfg_scale: float = 3.0, shift: float = 3.0,
                  height: int = 64, width: int = 64, batch_size: int = 64, progress: bool = True,
-                 accelerator=None) -> Path:
-    """Render prompt i with seed base_seed + i into out_dir/images/{i:06d}.png; write metadata.csv last."""
+                 accelerator=None, **sample_kw) -> Path:
+    """Render prompt i with seed base_seed + i into out_dir/images/{i:06d}.png; write metadata.csv last.
+
+    `pipe` is a `LatentPipeline` (a training corpus) or an `L2PPipeline` (renders to score with `l2p eval`);
+    `sample_kw` goes to `pipe.sample` (e.g. `patch_size=64`, `solver="heun"`)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -33,7 +38,7 @@ def synth_corpus(pipe, prompts: Sequence[str], out_dir: Union[str, Path], base_s
         # Each image's noise comes from its own seed, so the result does not depend on batching.
         noise = torch.cat([pipe.initial_noise(1, height, width, base_seed + i) for i in run])
         px = pipe.sample([prompts[i] for i in run], noise=noise, num_inference_steps=num_inference_steps,
-                         cfg_scale=cfg_scale, shift=shift, height=height, width=width)
+                         cfg_scale=cfg_scale, shift=shift, height=height, width=width, **sample_kw)
         for i, x in zip(run, px):
             tmp = out / (names[i] + ".tmp")
             to_pil(x).save(tmp, format="PNG")
@@ -62,21 +67,23 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
 
 
 def add_synth_parser(sub) -> None:
-    p = sub.add_parser("synth", help="render a synthetic training corpus with the (latent) source model")
+    p = sub.add_parser("synth", help="render prompts into images/ + metadata.csv: a training corpus with the "
+                                      "latent source model (--vae), or an L2P model's renders to score")
     p.add_argument("--out", required=True, help="output folder (images/ + metadata.csv)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="prompt file: one per line, or a CSV with a prompt/text column")
     src.add_argument("--toy-prompts", type=int, metavar="N", help="N prompts from the toy world's caption generator")
     p.add_argument("--toy", choices=["full", "fine", "smoke"],
                    help="use the toy world's source LDM (built/cached on demand); fine: the 8-px-patch world")
-    p.add_argument("--model", nargs="+", help="latent DiT checkpoint (real scale)")
-    p.add_argument("--vae", help="diffusers AutoencoderKL folder (real scale)")
+    p.add_argument("--model", nargs="+", help="DiT checkpoint (real scale): latent with --vae, or L2P without")
+    p.add_argument("--vae", help="diffusers AutoencoderKL folder, for a latent model")
     p.add_argument("--text-encoder", nargs="+")
     p.add_argument("--tokenizer")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="default: 8 latent (Turbo), 30 L2P")
+    p.add_argument("--cfg", type=float, default=None, help="default: 1.0 latent (Turbo), 2.0 L2P")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--size", type=int, default=None, help="square image size")
+    p.add_argument("--patch-size", type=int, default=None, help="pixel patch of an L2P model (e.g. 64 for 4K)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="base seed: prompt i gets seed + i")
     p.add_argument("--dtype", default=None)
@@ -92,19 +99,31 @@ def run_synth(a) -> int:
         pipe = world.latent_pipeline()
         steps, cfg, size = a.steps or world.sample_steps, a.cfg or world.cfg_scale, a.size or world.image_size
     else:
-        if not (a.model and a.vae and a.text_encoder):
-            raise SystemExit("give --toy MODE, or --model, --vae and --text-encoder")
-        from diffusers import AutoencoderKL
+        if not (a.model and a.text_encoder):
+            raise SystemExit("give --toy MODE, or --model and --text-encoder (and --vae for a latent model)")
         from ..model import ZImageDiT
-        from ..pipeline import LatentPipeline
+        from ..pipeline import L2PPipeline, LatentPipeline
         from ..text import TextEncoder
-        dtype = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}.get(a.dtype or "", a.dtype or "bfloat16"))
+        default = "bf16" if torch.cuda.is_available() else "fp32"
+        dtype = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}.get(a.dtype or default, a.dtype))
+        dit = ZImageDiT.from_pretrained(a.model, dtype=dtype, device=acc.device)
+        if dit.cfg.is_pixel == bool(a.vae):
+            raise SystemExit(f"{' '.join(a.model)}: an L2P (pixel) checkpoint renders without --vae" if a.vae else
+                             f"{' '.join(a.model)} is a latent checkpoint: give its --vae")
         te = TextEncoder.from_pretrained(a.text_encoder if len(a.text_encoder) > 1 else a.text_encoder[0],
                                          a.tokenizer, dtype=dtype, device=acc.device)
-        dit = ZImageDiT.from_pretrained(a.model, dtype=dtype, device=acc.device)
-        vae = AutoencoderKL.from_pretrained(a.vae, local_files_only=True, torch_dtype=dtype)
-        pipe = LatentPipeline(dit, te, vae, device=acc.device, dtype=dtype)
-        steps, cfg, size = a.steps or 8, a.cfg or 1.0, a.size or 1024
+        if a.vae:
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(a.vae, local_files_only=True, torch_dtype=dtype)
+            pipe = LatentPipeline(dit, te, vae, device=acc.device, dtype=dtype)
+            steps, cfg = a.steps or 8, a.cfg or 1.0
+        else:
+            pipe = L2PPipeline(dit, te, device=acc.device, dtype=dtype)
+            steps, cfg = a.steps or 30, a.cfg or 2.0
+        size = a.size or 1024
+    if a.patch_size and not (pipe.dit.cfg.is_pixel and a.patch_size in pipe.dit.cfg.all_patch_size):
+        raise SystemExit(f"--patch-size {a.patch_size}: the model's pixel patch sizes are "
+                         f"{pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else 'none (latent)'}")
     if a.prompts:
         prompts = read_prompt_file(a.prompts)
     elif a.toy_prompts:
@@ -113,7 +132,8 @@ def run_synth(a) -> int:
     else:
         raise SystemExit("give --prompts FILE or --toy-prompts N")
     out = synth_corpus(pipe, prompts, a.out, a.seed, steps, cfg, a.shift, size, size, a.batch_size,
-                       progress=acc.is_main_process, accelerator=acc)
+                       progress=acc.is_main_process, accelerator=acc,
+                       **({"patch_size": a.patch_size} if a.patch_size else {}))
     if acc.is_main_process:
         print(f"wrote {len(prompts)} images and {out / 'metadata.csv'}")
     return 0
