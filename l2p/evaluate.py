@@ -100,12 +100,13 @@ def _weights(given: Optional[PathLike], env: str) -> Optional[PathLike]:
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_folder(images: PathLike, reference: Optional[PathLike] = None, *, inception: Optional[PathLike] = None,
-                    clip: Optional[PathLike] = None, toy: Optional[str] = None, batch_size: int = 16,
+                    clip: Optional[PathLike] = None, toy=None, batch_size: int = 16,
                     skip_bad: bool = False, cutoff: float = 0.25, progress: bool = True) -> pd.DataFrame:
     """One row per metric: `metric`, `value`, `spread` (a std where the metric has one) and `note`.
 
     `inception` / `clip`: local weights (default: $L2P_INCEPTION_WEIGHTS / $L2P_CLIP_MODEL; without them the
-    metric is a skipped row). `toy`: a toy world mode ("full", "smoke", …) whose judge scores toy captions.
+    metric is a skipped row). `toy`: a toy world mode ("full" or "smoke") or its `Evaluator`, whose judge scores
+    toy captions.
     """
     gen = read_folder(images, skip_bad)
     ref = read_folder(reference, skip_bad) if reference is not None else None
@@ -129,7 +130,7 @@ def evaluate_folder(images: PathLike, reference: Optional[PathLike] = None, *, i
             except ValueError as err:
                 raise DatasetError(f"{gen.root / 'metadata.csv'}: row {e.row} ({e.image}): --toy scores toy "
                                    f"captions only, and this prompt is not one ({err})") from None
-        judge = load_or_train_evaluator(toy, progress=progress)
+        judge = load_or_train_evaluator(toy, progress=progress) if isinstance(toy, str) else toy
         toy_fid = M.toy_fid_metric(judge) if ref is not None else None
 
     spec_gen, spec_ref = M.SpectrumMeter(), M.SpectrumMeter()
@@ -176,11 +177,13 @@ def evaluate_folder(images: PathLike, reference: Optional[PathLike] = None, *, i
             add("HF energy ratio to reference", spec_gen.high_frequency_energy(cutoff)
                 / max(spec_ref.high_frequency_energy(cutoff), 1e-20), "1 = as much detail; < 1 blur; > 1 noise")
             add("spectral distance to reference (decades)", spec_gen.distance(spec_ref), "0 = same radial spectrum")
-        else:
-            add("spectral distance to reference (decades)", note="skipped: the two folders' image sizes differ")
+        else:  # spectra of different sizes have different frequency bins
+            for metric in ("HF energy ratio to reference", "spectral distance to reference (decades)"):
+                add(metric, note="skipped: the two folders' image sizes differ")
         if paired_psnr:
             add("paired PSNR to reference (dB)", sum(paired_psnr) / len(paired_psnr),
-                f"{len(paired_psnr)} pairs of one prompt and seed", float(torch.tensor(paired_psnr).std()))
+                f"{len(paired_psnr)} pairs of one prompt and seed",
+                float(torch.tensor(paired_psnr).std()) if len(paired_psnr) > 1 else float("nan"))
         else:
             why = "sizes differ" if gen.size != ref.size else "no row shares a prompt and seed with the reference"
             add("paired PSNR to reference (dB)", note=f"skipped: {why}")
@@ -200,7 +203,8 @@ def evaluate_folder(images: PathLike, reference: Optional[PathLike] = None, *, i
         add("CLIP score", note=f"skipped: no CLIP model (--clip FOLDER or ${M.CLIP_ENV})")
     if judge is not None:
         df = pd.concat(toy_scores, ignore_index=True)
-        add("toy-GenEval", float(judge.summary(df).loc["overall", "accuracy"]), f"the {toy} world's judge")
+        add("toy-GenEval", float(judge.summary(df).loc["overall", "accuracy"]),
+            f"the {toy} world's judge" if isinstance(toy, str) else "the toy judge")
         if toy_fid is not None:
             add("toy-FID to reference (judge features)", float(toy_fid.compute()))
     return pd.DataFrame(rows, columns=["metric", "value", "spread", "note"])

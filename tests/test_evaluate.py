@@ -102,6 +102,11 @@ def test_bad_rows_and_mixed_sizes_are_named(tmp_path, scenes):
     Image.fromarray(images[1]).resize((48, 64)).save(root / "images/000001.png")
     with pytest.raises(DatasetError, match=r"row 2 \(images/000001.png\) is 48×64, but row 1"):
         read_folder(root)
+    small = _write(tmp_path / "small", images[:2, :32, :32], captions[:2], [0, 1])
+    t = _table(evaluate_folder(small, _write(tmp_path / "big", images[:2], captions[:2], [0, 1]), progress=False))
+    for metric in ("HF energy ratio to reference", "spectral distance to reference (decades)",
+                   "paired PSNR to reference (dB)"):
+        assert np.isnan(t[metric].value) and "differ" in t[metric].note
     root = _write(tmp_path / "bad", images[:3], captions[:3], [0, 1, 2])
     (root / "images/000002.png").unlink()
     with pytest.raises(DatasetError, match=r"row 3 .*file not found[\s\S]*--skip-bad"):
@@ -158,6 +163,9 @@ def test_toy_judge_scores_captions(folders):
     gen, ref, _, _ = folders
     t = _table(evaluate_folder(ref, gen, toy="smoke", progress=False))
     assert 0 <= t["toy-GenEval"].value <= 1 and t["toy-FID to reference (judge features)"].value >= 0
+    from l2p.toyworld.evaluator import load_or_train_evaluator
+    judge = _table(evaluate_folder(ref, gen, toy=load_or_train_evaluator("smoke", progress=False), progress=False))
+    assert judge["toy-GenEval"].value == t["toy-GenEval"].value  # a world's own judge, passed in
     images, captions = folders[3], [e.prompt for e in read_folder(ref).entries]
     other = _write(gen.parent / "other", images[:3], captions[:2] + ["a cat in a spacesuit"], [0, 1, 2])
     with pytest.raises(DatasetError, match=r"row 3 \(images/000002.png\): --toy scores toy captions only"):
