@@ -12,30 +12,69 @@ def _dtype(name: str):
             "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text → image with an L2P checkpoint (or a latent one with --vae)")
-    p.add_argument("--model", nargs="+", help="DiT checkpoint: file(s), index json or folder")
+def add_model_options(p) -> None:
+    """Where a checkpoint and its text encoder are (`l2p generate`, `l2p synth`)."""
+    p.add_argument("--model", nargs="+", help="DiT checkpoint: file(s), index json or folder; an L2P one, or a "
+                                              "latent one with --vae")
     p.add_argument("--text-encoder", nargs="+", help="text encoder folder or shard files")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the text encoder folder)")
-    p.add_argument("--vae", help="diffusers AutoencoderKL folder: sample with the latent model instead")
-    p.add_argument("--random-init", metavar="PRESET",
-                   help="no checkpoint: a randomly initialised model of this preset (e.g. tiny_pixel), "
-                        "with the toy text encoder — a smoke test of the whole path")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: found beside the text encoder)")
+    p.add_argument("--vae", help="diffusers AutoencoderKL folder, for a latent model")
+
+
+def add_sampling_options(p) -> None:
+    """The sampler's options beyond steps, cfg and shift (`l2p generate`, `l2p synth`)."""
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=2.0, help="L2P cfg_scale (diffusers guidance_scale = cfg − 1)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only for σ in [LO, HI] (Z-Image's cfg_truncation τ is LO = 1 − τ, HI = 1)")
     p.add_argument("--cfg-norm-cap", type=float, metavar="K",
                    help="cap each guided velocity at K × the conditional one's norm (Z-Image's cfg_normalization)")
-    p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--solver", choices=("euler", "heun"), default="euler",
                    help="euler (the release) or heun: second order, 2·steps − 1 model calls")
+    p.add_argument("--patch-size", type=int, default=None, help="pixel patch (e.g. 64 for the 4K embedder)")
+
+
+def sampling_kwargs(a) -> dict:
+    """`pipe.sample` keywords from `add_sampling_options`' arguments."""
+    kw = {"negative_prompt": a.negative_prompt, "solver": a.solver}
+    if a.patch_size:
+        kw["patch_size"] = a.patch_size
+    if a.cfg_interval:
+        kw["cfg_interval"] = tuple(a.cfg_interval)
+    if a.cfg_norm_cap is not None:
+        kw["cfg_norm_cap"] = a.cfg_norm_cap
+    return kw
+
+
+def load_cli_pipeline(a, dtype, device):
+    """`load_pipeline` from `add_model_options`' arguments; a bad combination exits with its message."""
+    from .pipeline import load_pipeline
+
+    if not a.model or not a.text_encoder:
+        raise SystemExit("give --model and --text-encoder (and --vae for a latent model)")
+    try:
+        pipe = load_pipeline(a.model, a.text_encoder, a.tokenizer, a.vae, dtype=dtype, device=device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if a.patch_size and a.patch_size not in (pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else ()):
+        raise SystemExit(f"--patch-size {a.patch_size}: the model's pixel patch sizes are "
+                         f"{pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else 'none (latent)'}")
+    return pipe
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text → image with an L2P checkpoint (or a latent one with --vae)")
+    add_model_options(p)
+    p.add_argument("--random-init", metavar="PRESET",
+                   help="no checkpoint: a randomly initialised model of this preset (e.g. tiny_pixel), "
+                        "with the toy text encoder — a smoke test of the whole path")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=2.0, help="L2P cfg_scale (diffusers guidance_scale = cfg − 1)")
+    p.add_argument("--shift", type=float, default=3.0)
+    add_sampling_options(p)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--patch-size", type=int, default=None, help="pixel patch (e.g. 64 for the 4K embedder)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="bf16" if _cuda() else "fp32")
     p.add_argument("--rand-device", default="cpu")
@@ -50,7 +89,7 @@ def _cuda() -> bool:
 
 def run_generate(a) -> int:
     import torch
-    from .pipeline import L2PPipeline, LatentPipeline, ModelConfig
+    from .pipeline import L2PPipeline
 
     dtype = _dtype(a.dtype)
     if a.random_init:
@@ -63,30 +102,10 @@ def run_generate(a) -> int:
         if not dit.cfg.is_pixel:
             raise SystemExit("--random-init needs a pixel preset (e.g. tiny_pixel, toy_pixel)")
         pipe = L2PPipeline(dit, te, device=a.device, dtype=dtype)
-    elif a.vae:
-        from diffusers import AutoencoderKL
-        from .model import ZImageDiT
-        from .text import TextEncoder
-        te = TextEncoder.from_pretrained(a.text_encoder if len(a.text_encoder) > 1 else a.text_encoder[0],
-                                         a.tokenizer, dtype=dtype, device=a.device)
-        dit = ZImageDiT.from_pretrained(a.model, dtype=dtype, device=a.device)
-        pipe = LatentPipeline(dit, te, AutoencoderKL.from_pretrained(a.vae, local_files_only=True),
-                              device=a.device, dtype=dtype)
     else:
-        if not a.model or not a.text_encoder:
-            raise SystemExit("give --model and --text-encoder (or --random-init PRESET for a smoke test)")
-        pipe = L2PPipeline.from_pretrained(
-            torch_dtype=dtype, device=a.device,
-            model_configs=[ModelConfig(path=a.model), ModelConfig(path=a.text_encoder)],
-            tokenizer_config=ModelConfig(path=a.tokenizer or a.text_encoder[0]))
-    extra = {"patch_size": a.patch_size} if a.patch_size else {}
-    if a.cfg_interval:
-        extra["cfg_interval"] = tuple(a.cfg_interval)
-    if a.cfg_norm_cap is not None:
-        extra["cfg_norm_cap"] = a.cfg_norm_cap
-    img = pipe(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, rand_device=a.rand_device,
-               num_inference_steps=a.steps, cfg_scale=a.cfg, height=a.height, width=a.width, shift=a.shift,
-               solver=a.solver, progress=True, **extra)
+        pipe = load_cli_pipeline(a, dtype, a.device)
+    img = pipe(prompt=a.prompt, seed=a.seed, rand_device=a.rand_device, num_inference_steps=a.steps,
+               cfg_scale=a.cfg, height=a.height, width=a.width, shift=a.shift, progress=True, **sampling_kwargs(a))
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

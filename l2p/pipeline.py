@@ -149,6 +149,27 @@ class L2PPipeline(FlowPipeline):
         return cls(dit, te, device=device, dtype=torch_dtype)
 
 
+def load_pipeline(model, text_encoder, tokenizer=None, vae=None, dtype: torch.dtype = torch.float32,
+                  device="cpu") -> FlowPipeline:
+    """The pipeline a checkpoint samples with: `L2PPipeline` for an L2P (pixel) one, `LatentPipeline` with its
+    `vae` (a diffusers AutoencoderKL folder) for a latent one. `text_encoder`: a folder or shard files; the
+    tokenizer is found beside them unless `tokenizer` names it."""
+    from .text import TextEncoder
+
+    dit = ZImageDiT.from_pretrained(model, dtype=dtype, device=device)
+    name = " ".join(map(str, model)) if isinstance(model, (list, tuple)) else str(model)
+    if dit.cfg.is_pixel and vae:
+        raise ValueError(f"{name} is an L2P (pixel) checkpoint: it samples pixels, without a VAE")
+    if not dit.cfg.is_pixel and not vae:
+        raise ValueError(f"{name} is a latent checkpoint: give its VAE (or convert it with `l2p convert`)")
+    te = TextEncoder.from_pretrained(text_encoder, tokenizer, dtype=dtype, device=device)
+    if not vae:
+        return L2PPipeline(dit, te, device=device, dtype=dtype)
+    from diffusers import AutoencoderKL
+    return LatentPipeline(dit, te, AutoencoderKL.from_pretrained(vae, local_files_only=True, torch_dtype=dtype),
+                          device=device, dtype=dtype)
+
+
 def vae_latents(vae, x: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] → a diffusers AutoencoderKL's normalised latents (posterior mean − shift) · scale, as the
     DiT sees them. Differentiable in x (for `flow.latent_matching_loss`); wrap it in no_grad to only encode."""

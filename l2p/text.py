@@ -198,7 +198,11 @@ class TextEncoder(nn.Module):
     def from_pretrained(cls, encoder_path, tokenizer_path: Optional[PathLike] = None,
                         dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
                         max_length: int = DEFAULT_MAX_LENGTH) -> "TextEncoder":
-        """Load from a folder with config.json, or from a list of safetensors shards (the release's layout)."""
+        """Load from a folder with config.json, or from a list of safetensors shards (the release's layout).
+
+        A command line's list of one folder (`--text-encoder text_encoder/`) is that folder."""
+        if isinstance(encoder_path, (list, tuple)) and len(encoder_path) == 1 and Path(encoder_path[0]).is_dir():
+            encoder_path = encoder_path[0]
         shards = _as_shard_list(encoder_path)
         if shards is None:
             folder = Path(encoder_path)

@@ -198,9 +198,9 @@ def test_cli_synth_renders_with_an_l2p_checkpoint_then_eval(tmp_path, capsys):
     assert "row 2 (images/000001.png): --toy scores toy captions only" in capsys.readouterr().err
     # a latent checkpoint needs its VAE, and a pixel one takes none
     latent = make_synthetic_checkpoint(tiny_latent(), tmp_path / "latent.safetensors", torch.float32)[0]
-    with pytest.raises(SystemExit, match="latent checkpoint: give its --vae"):
+    with pytest.raises(SystemExit, match="latent checkpoint: give its VAE"):
         main(["synth", "--model", str(latent), "--out", str(tmp_path / "c"), *common])
-    with pytest.raises(SystemExit, match="renders without --vae"):
+    with pytest.raises(SystemExit, match="without a VAE"):
         main(["synth", "--model", str(ckpt), "--vae", "vae/", "--out", str(tmp_path / "c"), *common])
     with pytest.raises(SystemExit, match="pixel patch sizes are"):
         main(["synth", "--model", str(ckpt), "--patch-size", "64", "--out", str(tmp_path / "c"), *common])

@@ -1,5 +1,6 @@
 """Pipelines: call shape, sizes, seeds, guidance passes, callbacks, latent side with a VAE."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -155,3 +156,27 @@ def test_cli_generate_passes_the_guidance_options(tmp_path, monkeypatch):
     assert seen == {"cfg_interval": (0.5, 1.0), "cfg_norm_cap": 1.5}
     assert calls == 3  # heun, 2 steps: 2·2 − 1 velocity calls
     assert Image.open(out).size == (32, 32) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_loads_a_text_encoder_folder_or_shards_with_the_tokenizer_beside(tmp_path):
+    """`--text-encoder DIR` and `--text-encoder shard1 shard2` (tokenizer in ../tokenizer, the Hub layout) both
+    load; until session 28 the CLI took a one-folder list for shards and a shard file for the tokenizer."""
+    from test_text import _write_shards, make_model, make_tokenizer
+
+    from l2p import cli
+    from l2p.checkpoint import make_synthetic_checkpoint
+
+    enc = make_model()
+    enc.save_pretrained(tmp_path / "enc")
+    make_tokenizer().save_pretrained(tmp_path / "enc")
+    shards = _write_shards(enc, tmp_path / "repo" / "text_encoder")
+    make_tokenizer().save_pretrained(tmp_path / "repo" / "tokenizer")
+    ckpt = make_synthetic_checkpoint(tiny_pixel(), tmp_path / "pixel.safetensors", torch.float32)[0]
+    images = []
+    for te in ([str(tmp_path / "enc")], [str(f) for f in shards]):
+        out = tmp_path / f"{len(images)}.png"
+        assert cli.main(["generate", "--model", str(ckpt), "--text-encoder", *te, "--prompt", "a red cube",
+                         "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32",
+                         "-o", str(out)]) == 0
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images)  # one encoder, two layouts: the same image

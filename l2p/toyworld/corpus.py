@@ -67,6 +67,7 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
 
 
 def add_synth_parser(sub) -> None:
+    from ..cli import add_model_options, add_sampling_options
     p = sub.add_parser("synth", help="render prompts into images/ + metadata.csv: a training corpus with the "
                                       "latent source model (--vae), or an L2P model's renders to score")
     p.add_argument("--out", required=True, help="output folder (images/ + metadata.csv)")
@@ -75,18 +76,15 @@ def add_synth_parser(sub) -> None:
     src.add_argument("--toy-prompts", type=int, metavar="N", help="N prompts from the toy world's caption generator")
     p.add_argument("--toy", choices=["full", "fine", "smoke"],
                    help="use the toy world's source LDM (built/cached on demand); fine: the 8-px-patch world")
-    p.add_argument("--model", nargs="+", help="DiT checkpoint (real scale): latent with --vae, or L2P without")
-    p.add_argument("--vae", help="diffusers AutoencoderKL folder, for a latent model")
-    p.add_argument("--text-encoder", nargs="+")
-    p.add_argument("--tokenizer")
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=None, help="default: 8 latent (Turbo), 30 L2P")
     p.add_argument("--cfg", type=float, default=None, help="default: 1.0 latent (Turbo), 2.0 L2P")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--size", type=int, default=None, help="square image size")
-    p.add_argument("--patch-size", type=int, default=None, help="pixel patch of an L2P model (e.g. 64 for 4K)")
+    add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="base seed: prompt i gets seed + i")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="bf16 on a GPU, fp32 on CPU by default")
     p.set_defaults(func=run_synth)
 
 
@@ -99,31 +97,10 @@ def run_synth(a) -> int:
         pipe = world.latent_pipeline()
         steps, cfg, size = a.steps or world.sample_steps, a.cfg or world.cfg_scale, a.size or world.image_size
     else:
-        if not (a.model and a.text_encoder):
-            raise SystemExit("give --toy MODE, or --model and --text-encoder (and --vae for a latent model)")
-        from ..model import ZImageDiT
-        from ..pipeline import L2PPipeline, LatentPipeline
-        from ..text import TextEncoder
-        default = "bf16" if torch.cuda.is_available() else "fp32"
-        dtype = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}.get(a.dtype or default, a.dtype))
-        dit = ZImageDiT.from_pretrained(a.model, dtype=dtype, device=acc.device)
-        if dit.cfg.is_pixel == bool(a.vae):
-            raise SystemExit(f"{' '.join(a.model)}: an L2P (pixel) checkpoint renders without --vae" if a.vae else
-                             f"{' '.join(a.model)} is a latent checkpoint: give its --vae")
-        te = TextEncoder.from_pretrained(a.text_encoder if len(a.text_encoder) > 1 else a.text_encoder[0],
-                                         a.tokenizer, dtype=dtype, device=acc.device)
-        if a.vae:
-            from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(a.vae, local_files_only=True, torch_dtype=dtype)
-            pipe = LatentPipeline(dit, te, vae, device=acc.device, dtype=dtype)
-            steps, cfg = a.steps or 8, a.cfg or 1.0
-        else:
-            pipe = L2PPipeline(dit, te, device=acc.device, dtype=dtype)
-            steps, cfg = a.steps or 30, a.cfg or 2.0
-        size = a.size or 1024
-    if a.patch_size and not (pipe.dit.cfg.is_pixel and a.patch_size in pipe.dit.cfg.all_patch_size):
-        raise SystemExit(f"--patch-size {a.patch_size}: the model's pixel patch sizes are "
-                         f"{pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else 'none (latent)'}")
+        from ..cli import _dtype, load_cli_pipeline
+        pipe = load_cli_pipeline(a, _dtype(a.dtype or ("bf16" if torch.cuda.is_available() else "fp32")), acc.device)
+        latent = not pipe.dit.cfg.is_pixel
+        steps, cfg, size = a.steps or (8 if latent else 30), a.cfg or (1.0 if latent else 2.0), a.size or 1024
     if a.prompts:
         prompts = read_prompt_file(a.prompts)
     elif a.toy_prompts:
@@ -131,9 +108,9 @@ def run_synth(a) -> int:
         prompts = generate(a.toy_prompts, seed=a.seed + 10_000)[1]
     else:
         raise SystemExit("give --prompts FILE or --toy-prompts N")
+    from ..cli import sampling_kwargs
     out = synth_corpus(pipe, prompts, a.out, a.seed, steps, cfg, a.shift, size, size, a.batch_size,
-                       progress=acc.is_main_process, accelerator=acc,
-                       **({"patch_size": a.patch_size} if a.patch_size else {}))
+                       progress=acc.is_main_process, accelerator=acc, **sampling_kwargs(a))
     if acc.is_main_process:
         print(f"wrote {len(prompts)} images and {out / 'metadata.csv'}")
     return 0
