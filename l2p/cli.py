@@ -55,9 +55,10 @@ def load_cli_pipeline(a, dtype, device):
         pipe = load_pipeline(a.model, a.text_encoder, a.tokenizer, a.vae, dtype=dtype, device=device)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if a.patch_size and a.patch_size not in (pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else ()):
+    sizes = pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else ()
+    if a.patch_size and a.patch_size not in sizes:
         raise SystemExit(f"--patch-size {a.patch_size}: the model's pixel patch sizes are "
-                         f"{pipe.dit.cfg.all_patch_size if pipe.dit.cfg.is_pixel else 'none (latent)'}")
+                         f"{sizes or 'none (a latent model)'}")
     return pipe
 
 
