@@ -121,11 +121,11 @@ def _relay(queue, log, timeout: float = 0.0, started: Optional[dict] = None) -> 
 
 
 def _time_left(mode: str, notebooks: Optional[list[str]], jobs: int, started: Optional[dict] = None,
-               now: Optional[float] = None) -> str:
+               now: Optional[float] = None, table: Optional[pd.DataFrame] = None) -> str:
     """"~N min left": when `jobs` workers finish the runs not cached yet, by the plan's estimates; a run in
     training (`started`: label → its start, `time.time()`) counts only what it has left. "" where no run has an
-    estimate."""
-    left = plan_table(mode, notebooks).query("not cached")
+    estimate. `table`: the `plan_table` already read, when no run has finished since."""
+    left = (plan_table(mode, notebooks) if table is None else table).query("not cached")
     if not len(left) or left.minutes.isna().all():
         return ""
     unknown = int(left.minutes.isna().sum())
@@ -271,7 +271,7 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
         jobs = fit
     plan = _planned(mode, notebooks)
     todo = [r for r in plan if not r.cached()]
-    minutes = {}
+    minutes, est = {}, None
     if order != "plan" and len(todo) > 1:  # the estimates read every run's cache entry: only when they matter
         est = plan_table(mode, notebooks)
         minutes = dict(zip(est.run, est.minutes))
@@ -282,7 +282,7 @@ def prebuild(mode: str = "full", jobs: Optional[int] = None, notebooks: Optional
     t0 = time.perf_counter()
     if todo:
         _prepare(todo, log)
-        left = _time_left(mode, notebooks, jobs) or "no estimate yet"
+        left = _time_left(mode, notebooks, jobs, table=est) or "no estimate yet"  # no run has trained since
         log(f"  {len(todo)} run(s) to train on {jobs} worker(s): {left} (from cached runs of the same budgets); "
             "each logs its evaluations as it trains")
         # spawn, not fork: a forked child inherits the parent's OpenMP state and can hang in torch
