@@ -47,6 +47,26 @@ def library_versions() -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the instruction set torch dispatches to, e.g. "AMD EPYC 7B13 (AVX512)".
+
+    Recorded with every build and report: a build is bit-identical only on the same kind of CPU, too (session
+    28 rebuilt the default world on an Intel Xeon: another VAE, judge and source than on the AMD EPYC of
+    sessions 18–27, with the same code, libraries and thread counts).
+    """
+    import platform
+
+    import torch
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = " ".join((name or platform.processor() or platform.machine() or "unknown CPU").split())
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def build_threads() -> int:
     """Torch threads the world's artefacts are built with: $L2P_BUILD_THREADS, else 2 (the reference machine's).
 
@@ -231,7 +251,7 @@ def _build_and_save(name, config, seed, version, final: Path, build_fn, save_fn,
         meta = {"name": name, "config": _jsonable(config), "seed": int(seed), "version": version or version_string(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "build_seconds": round(time.perf_counter() - t0, 2),  # build + save: what a cache hit saves
-                "threads": threads, "libraries": library_versions()}
+                "threads": threads, "libraries": library_versions(), "cpu": cpu_model()}
         (tmp / "cache_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.is_dir() and rebuild:
             shutil.rmtree(final, ignore_errors=True)

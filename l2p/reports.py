@@ -105,12 +105,13 @@ def export(executed: Path) -> None:
 
 
 def environment() -> str:
-    """One line: library versions, build threads, cores and the toy VAE's precision, as a report row records them."""
-    from .cache import available_cores, build_threads, library_versions, run_threads, vae_precision
+    """One line: library versions, build threads, cores, the CPU and the toy VAE's precision, as a report row records
+    them (a toy build is bit-identical only where all of these are)."""
+    from .cache import available_cores, build_threads, cpu_model, library_versions, run_threads, vae_precision
     libs = ", ".join(f"{k} {v}" for k, v in library_versions().items() if v)
     precision = {"bf16": "bf16 autocast", "no": "fp32"}[vae_precision()]
-    return (f"{libs}; build threads {build_threads()}, run threads {run_threads()}; {available_cores()} cores; "
-            f"toy VAE trained in {precision}")
+    return (f"{libs}; build threads {build_threads()}, run threads {run_threads()}; {available_cores()} cores of "
+            f"{cpu_model()}; toy VAE trained in {precision}")
 
 
 def write_index(out: Path, rows: list[dict], mode: str) -> Path:
@@ -142,7 +143,8 @@ def write_index(out: Path, rows: list[dict], mode: str) -> Path:
     envs: dict[str, list[str]] = {}
     for r in merged:
         envs.setdefault(r.get("environment") or "not recorded", []).append(r["stem"][:2])
-    lines += ["", "Environment (toy results depend on library versions, the build thread count and the VAE precision):", ""]
+    lines += ["", "Environment (toy results depend on library versions, the build thread count, the kind of CPU and "
+              "the VAE precision):", ""]
     lines += [f"- {', '.join(stems)}: {env}" for env, stems in envs.items()]
     for r in merged:
         if r.get("summary"):

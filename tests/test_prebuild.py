@@ -62,6 +62,7 @@ def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatc
     assert seen == [2] and torch.get_num_threads() == before  # the caller's count comes back
     meta = json.loads((tmp_path / cache.key_for("y", {}, 0) / "cache_meta.json").read_text())
     assert meta["threads"] == 2 and meta["libraries"]["torch"] == version("torch")
+    assert meta["cpu"] == cache.cpu_model() and meta["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
     monkeypatch.setenv("L2P_BUILD_THREADS", "1")  # an entry built on another count still loads, with a warning
     with pytest.warns(UserWarning, match="built on 2 thread"):
         assert cache.cached("y", {}, 0, build, save, load, root=tmp_path) == "a"
