@@ -132,21 +132,15 @@ class L2PPipeline(FlowPipeline):
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
                         model_configs: Sequence[ModelConfig] = (), tokenizer_config: Optional[ModelConfig] = None,
                         **kw) -> "L2PPipeline":
-        """Load the DiT (first ModelConfig) and the text encoder (second) from local files."""
-        from .text import TextEncoder
-
+        """Load the DiT (first ModelConfig) and the text encoder (second) from local files (`load_pipeline`)."""
         if len(model_configs) != 2:
             raise ValueError("model_configs must be [ModelConfig(path=dit_files), ModelConfig(path=text_encoder_files)]")
         dit_cfg, te_cfg = model_configs
         for mc in model_configs:
             if mc.path is None:
                 raise ValueError(f"ModelConfig(model_id={mc.model_id!r}) has no local path; l2p never downloads")
-        dit = ZImageDiT.from_pretrained(dit_cfg.path, dtype=torch_dtype, device=device)
-        if not dit.cfg.is_pixel:
-            raise ValueError(f"{dit_cfg.path} is a latent Z-Image checkpoint; use LatentPipeline or `l2p convert`")
-        te = TextEncoder.from_pretrained(te_cfg.path, tokenizer_config.path if tokenizer_config else None,
-                                         dtype=torch_dtype, device=device)
-        return cls(dit, te, device=device, dtype=torch_dtype)
+        return load_pipeline(dit_cfg.path, te_cfg.path, tokenizer_config.path if tokenizer_config else None,
+                             dtype=torch_dtype, device=device)
 
 
 def load_pipeline(model, text_encoder, tokenizer=None, vae=None, dtype: torch.dtype = torch.float32,
@@ -161,7 +155,8 @@ def load_pipeline(model, text_encoder, tokenizer=None, vae=None, dtype: torch.dt
     if dit.cfg.is_pixel and vae:
         raise ValueError(f"{name} is an L2P (pixel) checkpoint: it samples pixels, without a VAE")
     if not dit.cfg.is_pixel and not vae:
-        raise ValueError(f"{name} is a latent checkpoint: give its VAE (or convert it with `l2p convert`)")
+        raise ValueError(f"{name} is a latent checkpoint: give its VAE, use LatentPipeline, or convert it with "
+                         "`l2p convert`")
     te = TextEncoder.from_pretrained(text_encoder, tokenizer, dtype=dtype, device=device)
     if not vae:
         return L2PPipeline(dit, te, device=device, dtype=dtype)

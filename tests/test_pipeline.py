@@ -180,3 +180,14 @@ def test_cli_loads_a_text_encoder_folder_or_shards_with_the_tokenizer_beside(tmp
                          "-o", str(out)]) == 0
         images.append(np.asarray(Image.open(out)))
     assert np.array_equal(*images)  # one encoder, two layouts: the same image
+    # the release's call shape (README): the same model and seed give the same image
+    from l2p.pipeline import ModelConfig
+    pipe = L2PPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                       model_configs=[ModelConfig(path=[str(ckpt)]), ModelConfig(path=shards)],
+                                       tokenizer_config=ModelConfig(path=str(tmp_path / "repo" / "tokenizer")))
+    image = pipe(prompt="a red cube", seed=42, num_inference_steps=2, cfg_scale=2.0, height=32, width=32)
+    assert np.array_equal(np.asarray(image), images[0])
+    latent = make_synthetic_checkpoint(tiny_latent(), tmp_path / "latent.safetensors", torch.float32)[0]
+    with pytest.raises(ValueError, match="is a latent checkpoint"):
+        L2PPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                    model_configs=[ModelConfig(path=str(latent)), ModelConfig(path=shards)])

@@ -90,6 +90,8 @@ def add_synth_parser(sub) -> None:
 
 def run_synth(a) -> int:
     from accelerate import Accelerator
+
+    from ..cli import _dtype, load_cli_pipeline, sampling_kwargs
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if a.toy:
         from .world import build_toy_world
@@ -97,7 +99,6 @@ def run_synth(a) -> int:
         pipe = world.latent_pipeline()
         steps, cfg, size = a.steps or world.sample_steps, a.cfg or world.cfg_scale, a.size or world.image_size
     else:
-        from ..cli import _dtype, load_cli_pipeline
         pipe = load_cli_pipeline(a, _dtype(a.dtype or ("bf16" if torch.cuda.is_available() else "fp32")), acc.device)
         latent = not pipe.dit.cfg.is_pixel
         steps, cfg, size = a.steps or (8 if latent else 30), a.cfg or (1.0 if latent else 2.0), a.size or 1024
@@ -108,7 +109,6 @@ def run_synth(a) -> int:
         prompts = generate(a.toy_prompts, seed=a.seed + 10_000)[1]
     else:
         raise SystemExit("give --prompts FILE or --toy-prompts N")
-    from ..cli import sampling_kwargs
     out = synth_corpus(pipe, prompts, a.out, a.seed, steps, cfg, a.shift, size, size, a.batch_size,
                        progress=acc.is_main_process, accelerator=acc, **sampling_kwargs(a))
     if acc.is_main_process:
