@@ -644,14 +644,12 @@ def run_train(a: argparse.Namespace) -> int:
     if a.toy_text:
         encoder = TextEncoder.toy(device=acc.device)
     elif a.text_encoder:
-        te = a.text_encoder if len(a.text_encoder) > 1 else a.text_encoder[0]
-        encoder = TextEncoder.from_pretrained(te, a.tokenizer, device=acc.device,
+        encoder = TextEncoder.from_pretrained(a.text_encoder, a.tokenizer, device=acc.device,
                                               dtype=torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
     else:
         print("l2p train: error: give --text-encoder (or --toy-text)", file=sys.stderr)
         return 2
-    model = ZImageDiT.from_pretrained(a.init if len(a.init) > 1 else a.init[0], dtype=_dtype(a.dtype),
-                                      device=acc.device)
+    model = ZImageDiT.from_pretrained(a.init, dtype=_dtype(a.dtype), device=acc.device)
     latent_encoder = None
     if a.latent_loss > 0 or a.latent_loss_vae:
         if not (a.latent_loss > 0 and a.latent_loss_vae):

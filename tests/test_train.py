@@ -345,6 +345,32 @@ def tiny_run(tmp_path):
     return tmp_path, init, data
 
 
+def test_cli_train_reads_a_text_encoder_folder_or_its_shards(tiny_run):
+    """`--text-encoder DIR` and `--text-encoder shard1 shard2` (the release's layout, tokenizer in ../tokenizer)
+    train the same first step from the same init: one encoder, two layouts, one loader (`TextEncoder.from_pretrained`)."""
+    from test_text import _write_shards, make_model as make_encoder, make_tokenizer
+
+    from l2p.cli import main
+
+    root, _, data = tiny_run
+    enc = make_encoder()
+    enc.save_pretrained(root / "enc")
+    make_tokenizer().save_pretrained(root / "enc")
+    shards = _write_shards(enc, root / "repo" / "text_encoder")
+    make_tokenizer().save_pretrained(root / "repo" / "tokenizer")
+    init = root / "init-qwen.safetensors"
+    make_synthetic_checkpoint(CFG4.replace(cap_feat_dim=enc.config.hidden_size), init, dtype=torch.float32)
+    steps = []
+    for i, te in enumerate(([str(root / "enc")], [str(f) for f in shards])):
+        out = root / f"te{i}"
+        assert main(["train", "--init", str(init), "--data", str(data), "--skip-bad", "--text-encoder", *te,
+                     "--out", str(out), "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]) == 0
+        steps.append(read_state_dict(out / "step-1.safetensors"))
+    assert steps[0].keys() == steps[1].keys() and "cap_embedder.1.weight" in steps[0]
+    assert all(torch.equal(steps[0][k], steps[1][k]) for k in steps[0])
+    assert not torch.equal(steps[0]["cap_embedder.1.weight"], read_state_dict(init)["cap_embedder.1.weight"])
+
+
 def test_cli_train_then_merge(tiny_run, capsys):
     from l2p.cli import main
 
