@@ -47,24 +47,36 @@ def library_versions() -> dict:
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name and the instruction set torch dispatches to, e.g. "AMD EPYC 7B13 (AVX512)".
+# Instruction-set extensions whose presence changes which float kernels oneDNN picks (bf16/fp16 matmuls, AMX tiles).
+KERNEL_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
 
-    Recorded with every build and report: a build is bit-identical only on the same kind of CPU, too (session
-    28 rebuilt the default world on an Intel Xeon: another VAE, judge and source than on the AMD EPYC of
-    sessions 18–27, with the same code, libraries and thread counts).
+
+def cpu_model(cpuinfo: Union[str, Path] = "/proc/cpuinfo") -> str:
+    """The CPU's model name, family/model/stepping, the instruction set torch dispatches to and the matrix
+    extensions present, e.g. "Intel(R) Xeon(R) Processor, family 6 model 143 stepping 8 (AVX512; avx512_bf16 amx_bf16)".
+
+    Recorded with every build and report: a build is bit-identical only on the same kind of CPU, too. Session 28
+    rebuilt the default world on an Intel Xeon as another world than the AMD EPYC's; session 29, on a Xeon of
+    the same model name (this one with AMX), as a third. The name alone does not tell such machines apart.
     """
     import platform
 
     import torch
-    name = ""
+    info: dict = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    name = " ".join((name or platform.processor() or platform.machine() or "unknown CPU").split())
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+    name = " ".join((info.get("model name") or platform.processor() or platform.machine() or "unknown CPU").split())
+    if all(k in info for k in ("cpu family", "model", "stepping")):
+        name += f", family {info['cpu family']} model {info['model']} stepping {info['stepping']}"
+    flags = [f for f in KERNEL_FLAGS if f in info.get("flags", "").split()]
+    return f"{name} ({'; '.join([torch.backends.cpu.get_cpu_capability()] + ([' '.join(flags)] if flags else []))})"
 
 
 def build_threads() -> int:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 from l2p import cache
 from l2p.toyworld import ablations, grid, prebuild, recipe
@@ -43,7 +44,6 @@ def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
 
 def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatch):
     from importlib.metadata import version
-    import torch
     seen = []
 
     def build():
@@ -62,7 +62,7 @@ def test_builds_run_on_the_build_thread_count_and_record_it(tmp_path, monkeypatc
     assert seen == [2] and torch.get_num_threads() == before  # the caller's count comes back
     meta = json.loads((tmp_path / cache.key_for("y", {}, 0) / "cache_meta.json").read_text())
     assert meta["threads"] == 2 and meta["libraries"]["torch"] == version("torch")
-    assert meta["cpu"] == cache.cpu_model() and meta["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
+    assert meta["cpu"] == cache.cpu_model() and f"({torch.backends.cpu.get_cpu_capability()}" in meta["cpu"]
     monkeypatch.setenv("L2P_BUILD_THREADS", "1")  # an entry built on another count still loads, with a warning
     with pytest.warns(UserWarning, match="built on 2 thread"):
         assert cache.cached("y", {}, 0, build, save, load, root=tmp_path) == "a"
@@ -101,6 +101,20 @@ def _fake_runs(monkeypatch):
     for module in (ablations, grid, recipe):
         monkeypatch.setattr(module, "finetune", fake)
     return asked
+
+
+def test_the_recorded_cpu_tells_apart_two_cpus_of_one_model_name(tmp_path):
+    """Sessions 28 and 29 built two different worlds on CPUs both named "Intel(R) Xeon(R) Processor": the record
+    carries family/model/stepping and the matrix extensions that pick kernels, which the name does not."""
+    block = ("processor\t: {n}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {model}\n"
+             "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: {step}\nflags\t\t: fpu avx2 avx512f {extra}\n\n")
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text(block.format(n=0, model=85, step=7, extra="avx512_vnni"))
+    new.write_text("".join(block.format(n=n, model=143, step=8, extra="avx512_bf16 amx_bf16 amx_tile") for n in (0, 1)))
+    a, b = cache.cpu_model(old), cache.cpu_model(new)
+    assert a != b and a.startswith("Intel(R) Xeon(R) Processor, family 6 model 85 stepping 7 (")
+    assert b.endswith("; avx512_bf16 amx_bf16)") and "amx" not in a
+    assert cache.cpu_model(tmp_path / "missing").endswith(f"({torch.backends.cpu.get_cpu_capability()})")
 
 
 @pytest.mark.parametrize("mode", ["smoke", "full"])
@@ -196,7 +210,6 @@ def test_auto_jobs_is_one_worker_per_run_threads_cores_in_full_mode(monkeypatch,
 
 def test_a_toy_build_is_bit_identical_when_rebuilt_on_the_build_thread_count(tmp_path, monkeypatch):
     """What the cache's keys assume: the same config, built again on the same thread count, is the same artefact."""
-    import torch
     from l2p.toyworld.vae import load_or_train_vae, vae_train_config
     cfg = vae_train_config("smoke").replace(steps=12)
     weights = []
