@@ -1,7 +1,7 @@
 """The toy world, assembled: VAE, judge, text encoder, source LDM and its corpus, all cached by config.
 
-`build_toy_world("full")` trains what is missing (about 27 min on 2 cores the first time; notebook 00
-shows each piece's time) and loads the rest; `"smoke"` builds a tiny, useless-but-complete world in
+`build_toy_world("full")` trains what is missing (18.5–44 min on 2 cores the first time, by the CPU;
+notebook 00 shows each piece's time) and loads the rest; `"smoke"` builds a tiny, useless-but-complete world in
 seconds for tests.
 """
 from __future__ import annotations
