@@ -75,8 +75,9 @@ def cpu_model(cpuinfo: Union[str, Path] = "/proc/cpuinfo") -> str:
     name = " ".join((info.get("model name") or platform.processor() or platform.machine() or "unknown CPU").split())
     if all(k in info for k in ("cpu family", "model", "stepping")):
         name += f", family {info['cpu family']} model {info['model']} stepping {info['stepping']}"
-    flags = [f for f in KERNEL_FLAGS if f in info.get("flags", "").split()]
-    return f"{name} ({'; '.join([torch.backends.cpu.get_cpu_capability()] + ([' '.join(flags)] if flags else []))})"
+    extensions = " ".join(f for f in KERNEL_FLAGS if f in info.get("flags", "").split())
+    dispatch = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({dispatch}; {extensions})" if extensions else f"{name} ({dispatch})"
 
 
 def build_threads() -> int:
