@@ -80,12 +80,16 @@ def _commit() -> str:
         return "unknown"
 
 
-def export(executed: Path) -> None:
-    """HTML (with code) and Markdown beside the executed notebook, both showing the images saved once in
-    NAME_files/.
+IMAGE_TYPES = ("image/png", "image/jpeg")
 
-    The executed notebook already holds every image; an HTML that embedded them too would triple a report's
-    size in the repository (04's was 6.5 MB), so it links the files the Markdown uses.
+
+def export(executed: Path) -> None:
+    """HTML (with code) and Markdown beside the executed notebook; every image is saved once, in NAME_files/.
+
+    The HTML and the Markdown link the files, and so does the executed notebook itself: each image output
+    becomes a Markdown output naming its file (JupyterLab shows it from there). With images inline, the
+    notebook, HTML and files held each image up to three times (04's notebook alone was 6.4 MB).
+    Exporting a notebook whose images are linked already gives the same files again.
     """
     import nbformat
     from nbconvert import HTMLExporter, MarkdownExporter
@@ -93,15 +97,62 @@ def export(executed: Path) -> None:
     from traitlets.config import Config
 
     nb = nbformat.read(executed, as_version=4)
-    shutil.rmtree(executed.parent / f"{executed.stem}_files", ignore_errors=True)  # no images from older runs
+    files_dir = f"{executed.stem}_files"
+    _inline_linked_images(nb, executed.parent)  # before the folder goes: an earlier export's files
+    shutil.rmtree(executed.parent / files_dir, ignore_errors=True)  # no images from older runs
     writer = FilesWriter(build_directory=str(executed.parent))
     # the HTML template links an extracted image by its file name; SVG stays inline (its template would not)
-    linked = Config({"ExtractOutputPreprocessor": {"enabled": True,
-                                                   "extract_output_types": {"image/png", "image/jpeg"}}})
+    linked = Config({"ExtractOutputPreprocessor": {"enabled": True, "extract_output_types": set(IMAGE_TYPES)}})
     html = HTMLExporter(config=linked, exclude_input_prompt=True, exclude_output_prompt=True)
     for exporter in (html, MarkdownExporter()):
-        body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": f"{executed.stem}_files"})
+        body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": files_dir})
         writer.write(body, resources, notebook_name=executed.stem)
+    _link_images(nb, executed.parent, files_dir)
+    tmp = executed.with_name(executed.name + ".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(executed)
+
+
+def _image_outputs(nb):
+    """(cell index, output index, output) for each output that shows an image, as nbconvert numbers them."""
+    for c, cell in enumerate(nb.cells):
+        for j, out in enumerate(cell.get("outputs", [])):
+            if out.get("output_type") in ("display_data", "execute_result") and \
+                    (any(t in out.get("data", {}) for t in IMAGE_TYPES) or "l2p_linked" in out.get("metadata", {})):
+                yield c, j, out
+
+
+def _link_images(nb, folder: Path, files_dir: str) -> None:
+    """Replace each inline image by a Markdown link to the file the exporters wrote for it."""
+    import copy
+
+    from nbconvert.preprocessors import ExtractOutputPreprocessor
+
+    # the exporters' own preprocessor, run again on a copy: it names each file as they did
+    named, _ = ExtractOutputPreprocessor(extract_output_types=set(IMAGE_TYPES)).preprocess(
+        copy.deepcopy(nb), {"output_files_dir": files_dir, "outputs": {}})
+    for c, j, out in _image_outputs(nb):
+        names = {t: f for t, f in named.cells[c].outputs[j].metadata.get("filenames", {}).items() if t in IMAGE_TYPES}
+        for t, f in names.items():
+            if not (folder / f).is_file():
+                raise RuntimeError(f"export of {folder}: the image of cell {c}, output {j} was not written to {f}")
+            del out.data[t]
+        if names:
+            out.data["text/markdown"] = "\n".join(f"![{t.split('/')[1]}]({f})" for t, f in names.items())
+            out.metadata["l2p_linked"] = names
+
+
+def _inline_linked_images(nb, folder: Path) -> None:
+    """Undo `_link_images` where the files are still there, so a second export can write them again."""
+    import base64
+
+    for _, _, out in _image_outputs(nb):
+        names = out.metadata.get("l2p_linked", {})
+        if names and all((folder / f).is_file() for f in names.values()):
+            for t, f in names.items():
+                out.data[t] = base64.b64encode((folder / f).read_bytes()).decode()
+            out.data.pop("text/markdown", None)
+            del out.metadata["l2p_linked"]
 
 
 def environment() -> str:

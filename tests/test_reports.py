@@ -46,6 +46,10 @@ def test_reports_smoke_run(tmp_path, monkeypatch):
         assert f"| {nb.stem} | ok |" in index
         assert (tmp_path / "reports" / f"{nb.stem}.html").exists()
         assert (tmp_path / "reports" / f"{nb.stem}.md").exists()
+        executed = json.loads((tmp_path / "reports" / nb.name).read_text())  # images live in NAME_files/ only
+        assert not any(k.startswith("image/") for c in executed["cells"] for o in c.get("outputs", [])
+                       for k in o.get("data", {}))
+    assert any((tmp_path / "reports" / f"{nb.stem}_files").is_dir() for nb in NOTEBOOKS)
     from importlib.metadata import version
     env = rows[0]["environment"]  # what the results depend on, recorded once per distinct environment
     assert f"torch {version('torch')}" in env and "build threads 1" in env  # the test session's setting
@@ -124,6 +128,54 @@ def test_export_leaves_no_images_from_older_runs(tmp_path):
     html = (tmp_path / "07_demo.html").read_text()
     assert all(f'src="07_demo_files/{f}"' in html for f in files)  # linked, not embedded a second time
     assert '<img src="data:' not in html
+
+
+def test_the_executed_notebook_links_its_images_and_a_second_export_keeps_them(tmp_path):
+    """Images live once, in NAME_files/: the executed notebook shows each through a Markdown output naming the
+    file; exporting it again (a user re-running export) must not lose a file nor change the notebook."""
+    import base64
+    import io
+
+    import nbformat
+    from PIL import Image
+
+    from l2p.reports import export
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), colour).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    nb = nbformat.v4.new_notebook()
+    plot = nbformat.v4.new_code_cell("plot()")
+    plot.outputs = [nbformat.v4.new_output("stream", text="training…\n"),
+                    nbformat.v4.new_output("display_data", data={"image/png": png("red"), "text/plain": "<Figure>"})]
+    table = nbformat.v4.new_code_cell("table")
+    table.outputs = [nbformat.v4.new_output("execute_result", data={"text/html": "<table></table>"}, execution_count=1)]
+    grid = nbformat.v4.new_code_cell("grid()")
+    grid.outputs = [nbformat.v4.new_output("display_data", data={"image/png": png("blue")})]
+    nb.cells = [nbformat.v4.new_markdown_cell("# demo"), plot, table, grid]
+    executed = tmp_path / "04_demo.ipynb"
+    nbformat.write(nb, executed)
+
+    export(executed)
+    linked = nbformat.read(executed, as_version=4)
+    nbformat.validate(linked)
+    assert not any("image/png" in o.get("data", {}) for c in linked.cells for o in c.get("outputs", []))
+    shown = [o for c in linked.cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    assert [o.data["text/markdown"] for o in shown] == ["![png](04_demo_files/output_1_1.png)",
+                                                       "![png](04_demo_files/output_3_0.png)"]
+    assert shown[0].data["text/plain"] == "<Figure>"
+    assert linked.cells[2].outputs == table.outputs  # no image: untouched
+    files = {p.name: p.read_bytes() for p in (tmp_path / "04_demo_files").iterdir()}
+    assert files["output_1_1.png"] == base64.b64decode(png("red"))
+    assert files["output_3_0.png"] == base64.b64decode(png("blue"))
+
+    text, html = executed.read_text(), (tmp_path / "04_demo.html").read_text()
+    export(executed)
+    assert executed.read_text() == text and (tmp_path / "04_demo.html").read_text() == html
+    assert {p.name: p.read_bytes() for p in (tmp_path / "04_demo_files").iterdir()} == files
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("load,now,cores,threads,warned", [
