@@ -191,3 +191,76 @@ def test_cli_loads_a_text_encoder_folder_or_shards_with_the_tokenizer_beside(tmp
     with pytest.raises(ValueError, match="is a latent checkpoint"):
         L2PPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
                                     model_configs=[ModelConfig(path=str(latent)), ModelConfig(path=shards)])
+
+
+class ModuleText(torch.nn.Module):
+    """`HashText` as a module with a weight, so offload has something to move and the device must be right."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(HashText.dim, HashText.dim)
+        self.hash = HashText()
+
+    def encode_list(self, prompts):
+        w = self.proj.weight
+        return [self.proj(f.to(w.device)) for f in self.hash.encode_list(prompts)]
+
+
+def _latent_parts():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)
+    return ZImageDiT(tiny_latent()), ModuleText(), vae
+
+
+def test_model_cpu_offload_runs_each_model_alone_on_the_device_and_changes_no_output():
+    """Under offload each model is sent to the device just before it runs, after every other one went to the CPU,
+    and all are back on the CPU after the call. The device here is "cpu:0", so the two destinations differ."""
+    kw = dict(seed=3, num_inference_steps=2, cfg_scale=2.0, height=32, width=32, output_type="pt")
+    plain = LatentPipeline(*_latent_parts())("a red circle", **kw)
+
+    dit, te, vae = _latent_parts()
+    names = {id(dit): "dit", id(te): "text", id(vae): "vae"}
+    moves, runs = [], []
+    for m in (dit, te, vae):
+        real_to = m.to
+
+        def to(device, _real=real_to, _m=m):
+            moves.append((names[id(_m)], str(device)))
+            return _real(device)
+        m.to = to
+    for m, name in ((dit, "dit"), (te.proj, "text"), (vae.decoder, "vae")):
+        m.register_forward_pre_hook(lambda mod, args, _n=name: runs.append((_n, dict(_where(moves)))))
+    pipe = LatentPipeline(dit, te, vae, device="cpu:0", cpu_offload=True)
+    assert dict(_where(moves)) == {"dit": "cpu", "text": "cpu", "vae": "cpu"}  # parked from the start
+    out = pipe("a red circle", **kw)
+    assert torch.equal(out, plain)
+    assert [n for n, _ in runs] == ["text", "text"] + ["dit"] * 2 + ["vae"]  # prompt, negative, 2 steps, decode
+    for name, where in runs:
+        assert where == {m: ("cpu:0" if m == name else "cpu") for m in ("dit", "text", "vae")}, (name, where)
+    assert dict(_where(moves)) == {"dit": "cpu", "text": "cpu", "vae": "cpu"}
+    for k in range(len(moves)):  # never two on the device, even between one model's move and the next's
+        assert sum(d == "cpu:0" for _, d in _where(moves[:k + 1])) <= 1, moves[:k + 1]
+    assert sum(1 for n, d in moves if (n, d) == ("dit", "cpu:0")) == 1  # moved in once per call, not per step
+
+
+def _where(moves):
+    """The last destination of each model."""
+    last = {}
+    for name, device in moves:
+        last[name] = device
+    return last.items()
+
+
+def test_cli_cpu_offload_gives_the_same_image(tmp_path):
+    from l2p import cli
+    images = []
+    for extra in ([], ["--cpu-offload"]):
+        out = tmp_path / f"{len(images)}.png"
+        assert cli.main(["generate", "--random-init", "tiny_pixel", "--prompt", "a red circle", "--steps", "2",
+                         "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32", *extra,
+                         "-o", str(out)]) == 0
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images)
