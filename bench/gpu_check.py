@@ -14,6 +14,8 @@ error marks its rows and the next section still runs:
   bf16      bf16 vs fp32 agreement of the l2p_1k forward on a 256² input (TF32 off for the reference)
   odd-grid  l2p_1k forward at 1280×720: a 45×80 = 3600-token grid, not a multiple of 32
   cfg       latent and patch-16 steps at 1024² with CFG (positive and negative in one batch of 2)
+  offload   a 2-step CFG sample at 1024² through L2PPipeline with a Qwen3-4B-sized text encoder (random weights,
+            random token ids: no tokenizer), both models resident vs model CPU offload: peak GPU memory, time
   train-full (not with --quick) the same training step under the `full` policy, for the paper/full ratio
   sweep+    (not with --quick) 2048² for every arm, and the latent and patch-16 models at 4096²
 
@@ -215,6 +217,75 @@ def section_odd(sc, args, state):
                  note=f"{h // 16}×{w // 16} = {tokens} tokens ({tokens} mod 32 = {tokens % 32})")]
 
 
+class RandomTokenText(torch.nn.Module):
+    """A text encoder fed `length` random token ids per prompt: its size and cost without a tokenizer (none can be
+    downloaded); the features are its hidden_states[-2], as Z-Image takes them."""
+
+    def __init__(self, model, length: int):
+        super().__init__()
+        self.model, self.length = model, length
+
+    @torch.no_grad()
+    def encode_list(self, prompts):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.model.config.vocab_size, (len(prompts), self.length), generator=g)
+        out = self.model(input_ids=ids.to(self.model.embed_tokens.weight.device), output_hidden_states=True)
+        return list(out.hidden_states[-2])
+
+
+def _call_peak(fn, dev):
+    """(ms, peak MiB allocated on the device during the call, absolute), the peak None on the CPU."""
+    cuda = torch.device(dev).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_call(fn, dev, 0, 1)[0]
+    return ms, (torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+
+
+def section_offload(sc, args, state):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from l2p.pipeline import L2PPipeline
+    from l2p.text import z_image_text_config
+
+    dev = sc.device
+    dit = build_dit(sc.pixel, dev, sc.dtype, seed=0)
+    tcfg = z_image_text_config() if torch.device(dev).type == "cuda" else Qwen3Config(
+        vocab_size=64, hidden_size=dit.cfg.cap_feat_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(sc.dtype)  # built in its dtype on the device: no fp32 copy of 4B parameters
+    try:
+        with torch.device(dev):
+            torch.manual_seed(0)
+            enc = Qwen3Model(tcfg).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+    weights = f"weights: DiT {param_mb(dit):,.0f} MiB, text encoder {param_mb(enc):,.0f} MiB"
+    pipe = L2PPipeline(dit, RandomTokenText(enc, sc.cap_len), device=dev, dtype=sc.dtype)
+    kw = dict(seed=0, num_inference_steps=2, cfg_scale=2.0, height=sc.res, width=sc.res, output_type="pt")
+    rows, outs = [], {}
+    for name in ("resident", "cpu offload"):
+        if name == "cpu offload":
+            pipe.enable_model_cpu_offload()
+            free_memory(dev)
+
+        def call(_name=name):
+            outs[_name] = pipe("a cat", **kw)
+        call()  # warm-up
+        ms, peak = _call_peak(call, dev)
+        rows.append(dict(section="offload", what=f"2-step CFG sample {sc.res}², {name}", status="ok", ms=ms,
+                         peak_mib=peak, note=weights if name == "resident" else ""))
+    diff = (outs["cpu offload"].float() - outs["resident"].float()).abs().max().item()
+    finite = bool(torch.isfinite(outs["resident"]).all())
+    rows[-1]["note"] = f"output max |Δ| vs resident {diff:.3g}"
+    if not finite or diff > 1e-2:
+        rows[-1]["status"] = "non-finite" if not finite else "differs"
+    del pipe, dit, enc
+    return rows
+
+
 def section_env(sc, args, state):
     if torch.device(sc.device).type == "cuda":
         p = torch.cuda.get_device_properties(0)
@@ -307,7 +378,7 @@ def main(argv=None):
     t_start = time.monotonic()
     state = {"deadline": t_start + args.budget_s, "sweep": []}
     sections = [("env", section_env), ("sweep", section_sweep), ("train", section_train), ("bf16", section_bf16),
-                ("odd-grid", section_odd), ("cfg", section_cfg)]
+                ("odd-grid", section_odd), ("cfg", section_cfg), ("offload", section_offload)]
     if not args.quick:
         # The paper's claim for its freeze policy, measured: the same step with everything trained.
         sections += [("train-full", lambda *a: section_train(*a, policy="full")), ("sweep+", section_sweep_more)]

@@ -152,7 +152,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert {r["section"] for r in rows} == {"env", "sweep", "train", "bf16", "odd-grid", "cfg", "sweep+"}
+    assert {r["section"] for r in rows} == {"env", "sweep", "train", "bf16", "odd-grid", "cfg", "offload", "sweep+"}
     assert all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows), rows
     by = {(r["section"], r["what"]): r for r in rows}
     assert by[("sweep", "pixel p64 64²")]["status"] == "ok"  # the "4K" large-patch step
@@ -160,6 +160,9 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert "mod 32 = 15" in by[("odd-grid", "forward 80×48")]["note"]
     assert any(r["section"] == "cfg" and r["what"].endswith("CFG") for r in rows)
     assert "trainable" in next(r for r in rows if r["section"] == "train")["note"]
+    offload = [r for r in rows if r["section"] == "offload"]
+    assert [r["what"] for r in offload] == ["2-step CFG sample 32², resident", "2-step CFG sample 32², cpu offload"]
+    assert offload[1]["note"] == "output max |Δ| vs resident 0"  # the same weights on the same CPU: bit-identical
     assert res["headline"] and res["sweep"]
 
 
