@@ -233,16 +233,6 @@ class RandomTokenText(torch.nn.Module):
         return list(out.hidden_states[-2])
 
 
-def _call_peak(fn, dev):
-    """(ms, peak MiB allocated on the device during the call, absolute), the peak None on the CPU."""
-    cuda = torch.device(dev).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    ms = time_call(fn, dev, 0, 1)[0]
-    return ms, (torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
-
-
 def section_offload(sc, args, state):
     from transformers import Qwen3Config, Qwen3Model
 
@@ -274,7 +264,10 @@ def section_offload(sc, args, state):
         def call(_name=name):
             outs[_name] = pipe("a cat", **kw)
         call()  # warm-up
-        ms, peak = _call_peak(call, dev)
+        with PeakMemory(dev) as mem:
+            ms = time_call(call, dev, 0, 1)[0]
+        # absolute: what was resident when the call began (the weights, or nothing under offload) + its peak above
+        peak = mem.before + mem.peak_mb if torch.device(dev).type == "cuda" else None
         rows.append(dict(section="offload", what=f"2-step CFG sample {sc.res}², {name}", status="ok", ms=ms,
                          peak_mib=peak, note=weights if name == "resident" else ""))
     diff = (outs["cpu offload"].float() - outs["resident"].float()).abs().max().item()
