@@ -264,3 +264,13 @@ def test_cli_cpu_offload_gives_the_same_image(tmp_path):
                          "-o", str(out)]) == 0
         images.append(np.asarray(Image.open(out)))
     assert np.array_equal(*images)
+
+
+def test_python_dash_m_l2p_is_the_command_line():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "l2p", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: l2p ") and "generate" in r.stdout and "reports" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "l2p", "no-such-command"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
