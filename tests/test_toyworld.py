@@ -411,6 +411,10 @@ def test_world_keys_follow_the_vae_and_the_architecture(monkeypatch):
     assert spec.key() != k0 and spec.ldm_key() != tw.SPECS["smoke"].ldm_key(spec.ldm.replace(seed=1))
     monkeypatch.undo()
     assert spec.key() == k0 and spec.key()["arch"]["seq_multiple"] == 16
+    # a VAE config in place of a preset name: another seed is another world; the preset's own config is this one
+    other = tw.WorldSpec(mode="smoke", ldm=spec.ldm, vae_mode=tv.VAE_MODES["smoke"].replace(seed=1))
+    assert other.vae.seed == 1 and other.key() != k0
+    assert tw.WorldSpec(mode="smoke", ldm=spec.ldm, vae_mode=tv.VAE_MODES["smoke"]).key() == k0
 
 
 def test_cache_keys():

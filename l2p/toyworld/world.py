@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ from ..pipeline import L2PPipeline, LatentPipeline
 from .evaluator import Evaluator, load_or_train_evaluator
 from .ldm import LDMTrainConfig, ldm_train_config, load_ldm, save_ldm, train_source_ldm
 from .scenes import Prompt, generate, prompt_set, render, to_tensor
-from .vae import load_or_train_vae, vae_train_config
+from .vae import VAETrainConfig, load_or_train_vae, vae_train_config
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class WorldSpec:
     sample_steps: int = 20
     cfg_scale: float = 3.0
     image_size: int = 64
-    vae_mode: Optional[str] = None  # the VAE preset (`vae.VAE_MODES`); None: the one named by `mode`
+    # The VAE: a preset name (`vae.VAE_MODES`), a `VAETrainConfig` (e.g. another seed), or None: the preset of `mode`
+    vae_mode: Union[str, VAETrainConfig, None] = None
 
     @property
     def vae(self):
