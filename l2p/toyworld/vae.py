@@ -2,7 +2,9 @@
 
 Latents are normalised Flux-style, z = (z_vae − shift_factor) · scaling_factor, with both factors measured
 on training images after training and stored in the VAE's config, so `save_pretrained` keeps them.
-The stride-8 bottleneck is the point: it cannot carry the toy world's 3–5 px background textures.
+The stride-8 bottleneck is the point: at the full preset's 4,000 steps it keeps little of the toy world's
+3–5 px background textures. That is partly under-training, not the bottleneck alone: trained 8,000 steps the
+same VAE keeps most of the stripes and checks, not the 1-px grain (docs/findings.md, session 31).
 """
 from __future__ import annotations
 
