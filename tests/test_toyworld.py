@@ -417,6 +417,23 @@ def test_world_keys_follow_the_vae_and_the_architecture(monkeypatch):
     assert tw.WorldSpec(mode="smoke", ldm=spec.ldm, vae_mode=tv.VAE_MODES["smoke"]).key() == k0
 
 
+def test_the_strong_world_is_the_default_with_its_vae_and_source_trained_longer():
+    """SPECS["strong"]: 8000 VAE steps and 6000 source steps, nothing else changed (it shares full's judge and
+    sizes); a spec naming the same VAE by its config is the same world; `l2p synth --toy` offers every world."""
+    from dataclasses import replace
+    from l2p.cli import build_parser
+    from l2p.toyworld import corpus
+    from l2p.toyworld import world as tw
+    full, strong = tw.SPECS["full"], tw.SPECS["strong"]
+    assert strong.vae == full.vae.replace(steps=8000) and strong.ldm == full.ldm.replace(steps=6000)
+    assert replace(strong, vae_mode=None, ldm=full.ldm) == full and strong.mode == "full"
+    assert strong.key() != full.key() and strong.pixel_patch == full.pixel_patch == 16
+    same = tw.WorldSpec(vae_mode=tv.VAE_MODES["full"].replace(steps=8000), ldm=tw.LDMTrainConfig(steps=6000))
+    assert same.key() == strong.key()
+    assert sorted(corpus.TOY_WORLDS) == sorted(tw.SPECS)
+    assert build_parser().parse_args(["synth", "--out", "x", "--toy", "strong", "--toy-prompts", "4"]).toy == "strong"
+
+
 def test_cache_keys():
     k = cache.key_for("vae", tv.VAETrainConfig(), 0)
     assert k == cache.key_for("vae", tv.VAETrainConfig().to_dict(), 0) and k.startswith("vae-")

@@ -66,6 +66,9 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+TOY_WORLDS = ["full", "fine", "smoke", "strong"]  # `world.SPECS`'s names, without importing the models here
+
+
 def add_synth_parser(sub) -> None:
     from ..cli import add_model_options, add_sampling_options
     p = sub.add_parser("synth", help="render prompts into images/ + metadata.csv: a training corpus with the "
@@ -74,8 +77,9 @@ def add_synth_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="prompt file: one per line, or a CSV with a prompt/text column")
     src.add_argument("--toy-prompts", type=int, metavar="N", help="N prompts from the toy world's caption generator")
-    p.add_argument("--toy", choices=["full", "fine", "smoke"],
-                   help="use the toy world's source LDM (built/cached on demand); fine: the 8-px-patch world")
+    p.add_argument("--toy", choices=TOY_WORLDS,
+                   help="use the toy world's source LDM (built/cached on demand); fine: the 8-px-patch world; "
+                        "strong: VAE and source trained longer (source over 0.80, ~1 h to build on 2 cores)")
     add_model_options(p)
     p.add_argument("--steps", type=int, default=None, help="default: 8 latent (Turbo), 30 L2P")
     p.add_argument("--cfg", type=float, default=None, help="default: 1.0 latent (Turbo), 2.0 L2P")
