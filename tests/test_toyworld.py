@@ -432,6 +432,8 @@ def test_the_strong_world_is_the_default_with_its_vae_and_source_trained_longer(
     assert same.key() == strong.key()
     assert sorted(corpus.TOY_WORLDS) == sorted(tw.SPECS)
     assert build_parser().parse_args(["synth", "--out", "x", "--toy", "strong", "--toy-prompts", "4"]).toy == "strong"
+    with pytest.raises(ValueError, match="unknown toy world 'strongest'.*strong"):
+        tw.build_toy_world("strongest")
 
 
 def test_cache_keys():

@@ -425,6 +425,8 @@ def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[Wo
     """
     from ..cache import build_threads
     torch.set_num_threads(build_threads())
+    if spec is None and mode not in SPECS:
+        raise ValueError(f"unknown toy world {mode!r}: choose one of {', '.join(SPECS)}, or pass a WorldSpec")
     spec = spec or SPECS[mode]
     vae, vae_hist = load_or_train_vae(spec.vae, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
