@@ -423,10 +423,10 @@ def build_toy_world(mode: str = "full", progress: bool = True, spec: Optional[Wo
     otherwise), the count every cached artefact is built on, so that what a notebook samples and scores
     equals what a cached run computed (a run's last evaluation, re-sampled, gives the same score).
     """
+    if spec is None and mode not in SPECS:  # before touching the process's threads
+        raise ValueError(f"unknown toy world {mode!r}: choose one of {', '.join(SPECS)}, or pass a WorldSpec")
     from ..cache import build_threads
     torch.set_num_threads(build_threads())
-    if spec is None and mode not in SPECS:
-        raise ValueError(f"unknown toy world {mode!r}: choose one of {', '.join(SPECS)}, or pass a WorldSpec")
     spec = spec or SPECS[mode]
     vae, vae_hist = load_or_train_vae(spec.vae, progress=progress)
     evaluator = load_or_train_evaluator(spec.mode, progress=progress)
