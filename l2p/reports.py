@@ -315,6 +315,7 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rows, failed = [], None
     nbs = notebooks(only)
+    own = _own_parameters(nbs, parameters or {})  # before anything runs: a misspelt -p fails here
     from .cache import build_threads
     note = busy_cores_note(build_threads())
     if note:
@@ -335,12 +336,12 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         os.environ[SUMMARY_ENV] = str(summary)
         print(f"[{i}/{len(nbs)}] {nb.name} ({mode}) …", flush=True)
         t0, cpu0, own0 = time.time(), _cpu_times(), _own_cpu_seconds()
-        extra = "".join(f", {k}={v}" for k, v in (parameters or {}).items())
+        extra = "".join(f", {k}={v}" for k, v in own[nb.stem].items())
         row = {"stem": nb.stem, "status": "ok", "mode": mode + extra, "commit": _commit(),
                "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "environment": environment()}
         try:
             pm.execute_notebook(str(nb), str(out / nb.name), parameters={"mode": mode, "smoke": mode == "smoke",
-                                                                          **(parameters or {})},
+                                                                          **own[nb.stem]},
                                 cwd=str(ROOT), kernel_name="python3", progress_bar=False, log_output=False,
                                 execution_timeout=timeout, coalesce_streams=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except Exception as e:  # papermill writes the failing notebook too: keep it for reading
@@ -360,6 +361,19 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
         if failed:
             raise SystemExit(f"notebook {failed} failed; see {out / nb.name} and {out / 'README.md'}")
     return rows
+
+
+def _own_parameters(nbs: list[Path], parameters: dict) -> dict:
+    """{notebook stem: the `parameters` its parameters cell declares}: a notebook gets only its own, and a key no
+    notebook of the run declares is an error naming the notebooks and what they take (papermill would inject it
+    silently, so a misspelt `-p` would run the defaults)."""
+    import papermill as pm
+    declared = {nb.stem: set(pm.inspect_notebook(str(nb))) for nb in nbs}
+    unknown = sorted(set(parameters) - set().union(*declared.values()))
+    if unknown:
+        takes = "; ".join(f"{stem}: {', '.join(sorted(keys)) or 'none'}" for stem, keys in declared.items())
+        raise SystemExit(f"-p {', '.join(unknown)}: no notebook of this run has such a parameter ({takes})")
+    return {stem: {k: v for k, v in parameters.items() if k in keys} for stem, keys in declared.items()}
 
 
 def add_reports_parser(sub) -> None:

@@ -100,6 +100,33 @@ def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
         assert all(r["others_busy_cores"] >= 0 for r in rows)
 
 
+def test_a_parameter_goes_only_to_the_notebooks_that_declare_it_and_an_unknown_one_stops_the_run(tmp_path, monkeypatch):
+    """`-p compare_scratch=False` reaches 03, not 00; a key no notebook of the run declares (a typo) fails before any
+    notebook runs, naming it and what the notebooks take, instead of running the defaults."""
+    pytest.importorskip("papermill")
+    import nbformat
+    from l2p import reports
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    for i, own in enumerate(["a = 1", "b = 1"]):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell(f"mode = 'full'\nsmoke = False\n{own}")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell("print(sorted(k for k in ('a', 'b') if k in globals()), a if 'a' in globals() else b)")]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"0{i}_case.ipynb")
+    monkeypatch.setattr(reports, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"-p c, d: no notebook of this run .*00_case: a, mode, smoke; 01_case: b, mode"):
+        reports.run("smoke", out=tmp_path / "bad", parameters={"c": 1, "a": 2, "d": 3})
+    assert not (tmp_path / "bad" / "00_case.ipynb").exists()
+    rows = reports.run("smoke", out=tmp_path / "out", parameters={"a": 2})
+    assert [r["mode"] for r in rows] == ["smoke, a=2", "smoke"]
+    printed = [nbformat.read(tmp_path / "out" / f"0{i}_case.ipynb", as_version=4).cells[-1].outputs[0].text
+               for i in range(2)]
+    assert printed == ["['a'] 2\n", "['b'] 1\n"]
+
+
 def test_export_leaves_no_images_from_older_runs(tmp_path):
     """Cell numbers shift when a notebook changes; images the new Markdown and HTML do not name must not linger,
     and the HTML links the images the Markdown uses rather than holding copies."""
