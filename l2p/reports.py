@@ -304,7 +304,8 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
 
     With jobs > 1, first train the fine-tuning runs the notebooks will ask for in that many worker
-    processes (`toyworld.prebuild`); the notebooks then load them from the cache. None: one worker per
+    processes (`toyworld.prebuild`); the notebooks then load them from the cache. Not with `parameters`: the
+    plan is the default parameters' runs. None: one worker per
     core in full mode (`prebuild.auto_jobs`), none in smoke mode. `order`: which runs the workers take up
     first (`prebuild.order_runs`).
     """
@@ -323,10 +324,12 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     if jobs is None:
         from .toyworld.prebuild import auto_jobs
         jobs = auto_jobs(mode)
-    if jobs > 1:
+    if jobs > 1 and parameters:
+        # its plan is the runs of the notebooks' default parameters: with others it would train runs nobody asks for
+        print(f"prebuild skipped: -p {parameters} changes what the notebooks train, so each trains its own runs "
+              "in turn", flush=True)
+    elif jobs > 1:
         from .toyworld.prebuild import prebuild
-        if parameters:
-            print(f"note: prebuild plans the runs of the notebooks' default parameters, not {parameters}")
         done = prebuild(mode, jobs, notebooks=[nb.stem for nb in nbs], log=lambda m: print(m, flush=True),
                         order=order)
         print(f"prebuild: {done['built']} run(s) in {done['minutes']:.1f} min", flush=True)
@@ -397,8 +400,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print which fine-tuning runs are cached and an estimate of what is left, then exit")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra notebook parameter, a Python literal or else a string, e.g. -p steps=6000 "
-                        "-p experiments=transfer,freeze_policy")
+                   help="a parameter of the notebooks that declare it, a Python literal or else a string, e.g. "
+                        "-p steps=6000 -p experiments=transfer,freeze_policy; no prebuild with -p")
 
 
 def _jobs(v: str) -> Optional[int]:

@@ -102,7 +102,8 @@ def test_failing_notebook_stops_the_run_and_is_marked(tmp_path, monkeypatch):
 
 def test_a_parameter_goes_only_to_the_notebooks_that_declare_it_and_an_unknown_one_stops_the_run(tmp_path, monkeypatch):
     """`-p compare_scratch=False` reaches 03, not 00; a key no notebook of the run declares (a typo) fails before any
-    notebook runs, naming it and what the notebooks take, instead of running the defaults."""
+    notebook runs, naming it and what the notebooks take, instead of running the defaults. With parameters there is
+    no prebuild: it would train the default parameters' runs."""
     pytest.importorskip("papermill")
     import nbformat
     from l2p import reports
@@ -120,7 +121,9 @@ def test_a_parameter_goes_only_to_the_notebooks_that_declare_it_and_an_unknown_o
     with pytest.raises(SystemExit, match=r"-p c, d: no notebook of this run .*00_case: a, mode, smoke; 01_case: b, mode"):
         reports.run("smoke", out=tmp_path / "bad", parameters={"c": 1, "a": 2, "d": 3})
     assert not (tmp_path / "bad" / "00_case.ipynb").exists()
-    rows = reports.run("smoke", out=tmp_path / "out", parameters={"a": 2})
+    from l2p.toyworld import prebuild
+    monkeypatch.setattr(prebuild, "prebuild", lambda *a, **k: pytest.fail("prebuild plans the default parameters' runs"))
+    rows = reports.run("smoke", out=tmp_path / "out", parameters={"a": 2}, jobs=2)
     assert [r["mode"] for r in rows] == ["smoke, a=2", "smoke"]
     printed = [nbformat.read(tmp_path / "out" / f"0{i}_case.ipynb", as_version=4).cells[-1].outputs[0].text
                for i in range(2)]
