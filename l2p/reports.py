@@ -304,10 +304,9 @@ def run(mode: str = "full", out: Path = ROOT / "reports", only: Optional[list[st
     """Execute the notebooks in order; stop at the first failure (raised as SystemExit naming it).
 
     With jobs > 1, first train the fine-tuning runs the notebooks will ask for in that many worker
-    processes (`toyworld.prebuild`); the notebooks then load them from the cache. Not with `parameters`: the
-    plan is the default parameters' runs. None: one worker per
-    core in full mode (`prebuild.auto_jobs`), none in smoke mode. `order`: which runs the workers take up
-    first (`prebuild.order_runs`).
+    processes (`toyworld.prebuild`); the notebooks then load them from the cache. None: one worker per core
+    in full mode (`prebuild.auto_jobs`), none in smoke mode. Not with `parameters`: the plan is the default
+    parameters' runs. `order`: which runs the workers take up first (`prebuild.order_runs`).
     """
     import papermill as pm
 

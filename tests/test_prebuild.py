@@ -142,9 +142,11 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     logged = []
     monkeypatch.setattr(prebuild, "available_cores", lambda: 2)  # 2 workers × 1 thread fit, whatever CI has
     ours = [r for r in prebuild.planned_runs("smoke") if r.label.startswith("03 ")]
-    for r in ours[:1]:  # earlier tests of the session (the smoke report run) may have cached them: one trains here
-        shutil.rmtree(cache.cache_dir() / cache.key_for("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed),
-                      ignore_errors=True)
+
+    def entry(r):
+        return cache.cache_dir() / cache.key_for("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed)
+    # earlier tests of the session (the smoke report run) may have cached them all: one trains here
+    shutil.rmtree(entry(ours[0]), ignore_errors=True)
     fresh = [r for r in ours if not r.cached()]
     world_was_cached = not missing_pieces(ours[0].world)
     done = prebuild.prebuild("smoke", jobs=2, notebooks=["03_finetune"], log=logged.append)
@@ -167,8 +169,7 @@ def test_prebuild_trains_in_workers_what_the_notebook_then_loads(monkeypatch):
     assert len([m for m in logged if m.startswith("  [")]) == len(fresh)  # one line per finished run
     # the workers trained on run_threads(), and the world's parts were built on build_threads()
     for r in ours:
-        entry = cache.cache_dir() / cache.key_for("toy_finetune", recipe.run_key(r.world, r.config), r.config.seed)
-        assert json.loads((entry / "cache_meta.json").read_text())["threads"] == cache.run_threads()
+        assert json.loads((entry(r) / "cache_meta.json").read_text())["threads"] == cache.run_threads()
     inits = list(cache.cache_dir().glob("toy_pixel_init-*/cache_meta.json"))
     assert inits and all(json.loads(m.read_text())["threads"] == cache.build_threads() for m in inits)
     # the notebook's calls now load, never train
